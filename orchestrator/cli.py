@@ -1,0 +1,637 @@
+"""The command line: the only place that reads config and the environment.
+
+Heavy modules (the engine, providers, pydantic settings, and above all boto3 and
+libcloud) are imported inside the commands, so `changeover --help` stays fast.
+Results go to stdout (a table on a terminal, plain text otherwise, or one JSON object
+with --output json); logs and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from orchestrator.engine import Engine, RunResult
+    from orchestrator.plan import Plan
+    from orchestrator.settings import Settings, StackConfig
+    from providers.base import Provider
+
+app = typer.Typer(
+    name="changeover",
+    help="Replace servers instead of repairing them: build fresh, verify, migrate data, "
+    "cut over, bake, retire.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+local_app = typer.Typer(help="The embedded local cloud.", no_args_is_help=True)
+app.add_typer(local_app, name="local")
+
+
+class State:
+    """Global options, resolved into Settings on first use."""
+
+    def __init__(self, **opts: Any) -> None:
+        self.opts = opts
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            from orchestrator.log import configure
+            from orchestrator.settings import load_settings
+
+            o = self.opts
+            self._settings = load_settings(
+                o["config"],
+                state_dir=o["state_dir"],
+                output=o["output"],
+                log_format=o["log_format"],
+                verbose=o["verbose"] or None,
+            )
+            configure(self._settings.log_format, self._settings.verbose)
+        return self._settings
+
+
+def _state(ctx: typer.Context) -> State:
+    state: State = ctx.obj
+    return state
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML config (default ./changeover.toml)")
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--state-dir", help="journal, locks and the local cloud [~/.local/state/changeover]"
+        ),
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option("--output", help="text | json", metavar="text|json")
+    ] = None,
+    log_format: Annotated[
+        str | None, typer.Option("--log-format", help="console | json", metavar="console|json")
+    ] = None,
+    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help="more logs")] = 0,
+) -> None:
+    """changeover: immutable-infrastructure orchestrator."""
+    ctx.obj = State(
+        config=config, state_dir=state_dir, output=output, log_format=log_format, verbose=verbose
+    )
+
+
+# --- helpers -------------------------------------------------------------------------------
+def parse_duration(text: str) -> float:
+    """'30d', '12h', '15m', '45s' or plain seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text)
+    if not m:
+        raise typer.BadParameter(f"{text!r} is not a duration (like 30d, 12h, 15m, 45s)")
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    return float(m.group(1)) * unit
+
+
+def make_provider(settings: Settings, name: str, config: StackConfig) -> Provider:
+    """The provider adapter of a stack. Imported lazily: SDKs load only when used."""
+    from orchestrator.errors import BadInput
+
+    if config.provider == "local":
+        from providers.local.cloud import LocalCloud
+        from providers.local.provider import LocalProvider
+
+        return LocalProvider(LocalCloud(settings.state_path))
+    raise BadInput(
+        f"stack {name!r}: provider {config.provider!r} is not available in this version "
+        "(only 'local' is implemented so far)"
+    )
+
+
+def _engine(settings: Settings, provider: Provider, config: StackConfig) -> Engine:
+    from orchestrator.engine import Engine
+
+    return Engine(
+        state_dir=settings.state_path,
+        provider=provider,
+        config=config,
+        lock_ttl=settings.lock_ttl,
+        crash_after_step=settings.crash_after_step,
+        on_event=_progress_sink(),
+    )
+
+
+def _progress_sink() -> Any:
+    """Rich progress on a terminal; nothing extra otherwise (the logs say it all)."""
+    if not sys.stderr.isatty():
+        return None
+    from rich.console import Console
+
+    console = Console(stderr=True)
+
+    def sink(kind: str, p: dict[str, Any]) -> None:
+        if kind == "step_started":
+            console.print(f"[bold cyan]→[/] [{p['index'] + 1}/{p['total']}] {p['step']}")
+        elif kind == "step_done":
+            note = f" [dim](no-op: {p['noop']})[/]" if p.get("noop") else ""
+            console.print(f"[green]✓[/] {p['step']}{note}")
+        elif kind == "step_failed":
+            console.print(f"[red]✗[/] {p['step']}: {p['error']}")
+        elif kind == "rollback_started":
+            console.print(f"[yellow]↺ rolling back[/]: {p['cause']}")
+        elif kind == "undo_done":
+            console.print(f"[yellow]↺[/] undid {p['step']}")
+        elif kind == "retry":
+            console.print(f"[dim]  retrying {p['step']} (attempt {p['attempt']})[/]")
+
+    return sink
+
+
+def _emit(settings: Settings, data: dict[str, Any], text: str) -> None:
+    if settings.output == "json":
+        sys.stdout.write(json.dumps(data, default=str) + "\n")
+    else:
+        sys.stdout.write(text.rstrip("\n") + "\n")
+
+
+def _print_plan(settings: Settings, plan: Plan) -> None:
+    lines = [f"plan: {plan.strategy} {plan.stack} ({len(plan.steps)} steps)"]
+    for k, v in plan.summary.items():
+        lines.append(f"  {k}: {v}")
+    lines += [f"  {i + 1:>2}. {s.describe()}" for i, s in enumerate(plan.steps)]
+    if not plan.steps:
+        lines.append("  nothing to do")
+    _emit(settings, {"plan": plan.to_dict()}, "\n".join(lines))
+
+
+def _print_result(settings: Settings, result: RunResult) -> None:
+    s = result.summary
+    if settings.output == "json" or not s:
+        _emit(
+            settings,
+            s or {"outcome": result.outcome.value, "message": result.message},
+            result.message,
+        )
+        return
+    lines = [
+        f"run {s['run_id']}: {s['strategy']} {s['stack']} -> {s['outcome'].upper()}",
+        f"  generation: {s['generation']['before']} -> {s['generation']['after']}",
+        f"  address {s['address']['name']}: {', '.join(s['address']['before'])} -> "
+        f"{', '.join(s['address']['after'])}",
+        f"  servers created: {len(s['servers']['created'])}, destroyed: "
+        f"{len(s['servers']['destroyed'])}",
+        "  provider calls: " + ", ".join(f"{k}={v}" for k, v in s["api_calls"].items()),
+    ]
+    if result.outcome.value not in ("succeeded", "noop"):
+        lines.append(f"  {result.message}")
+    if "resources" in s:
+        lines.append("  resources now:")
+        lines.append("    " + json.dumps(s["resources"], indent=2).replace("\n", "\n    "))
+    _emit(settings, s, "\n".join(lines))
+
+
+def _confirm(settings: Settings, plan: Plan, yes: bool) -> None:
+    from orchestrator.errors import BadInput
+
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise BadInput("refusing to change the stack without --yes when not on a terminal")
+    _print_plan(settings, plan)
+    if not typer.confirm("Run this plan?"):
+        raise typer.Exit(2)
+
+
+def _execute(settings: Settings, name: str, build: Any, yes: bool, dry_run: bool) -> int:
+    from orchestrator.engine import RunResult
+    from orchestrator.plan import Outcome
+
+    config = settings.stack(name)
+    provider = make_provider(settings, name, config)
+    plan = build(provider, name, config)
+    if dry_run:
+        _print_plan(settings, plan)
+        return 0
+    if not plan.steps:
+        _print_result(
+            settings,
+            RunResult(
+                None,
+                Outcome.NOOP,
+                f"{plan.strategy} {name}: nothing to do",
+                {
+                    "outcome": "noop",
+                    "strategy": plan.strategy,
+                    "stack": name,
+                    "message": "nothing to do",
+                    "selected": plan.summary.get("selected", {}),
+                },
+            ),
+        )
+        return 0
+    _confirm(settings, plan, yes)
+    engine = _engine(settings, provider, config)
+    try:
+        result = engine.start(plan)
+    finally:
+        engine.close()
+    _print_result(settings, result)
+    return result.exit_code
+
+
+# --- commands ---------------------------------------------------------------------------------
+@app.command()
+def stacks(ctx: typer.Context) -> None:
+    """Stacks, their generation, address holder and last run."""
+    from orchestrator.db import connect
+    from orchestrator.errors import ChangeoverError
+    from orchestrator.journal import Journal
+    from orchestrator.lock import LeaseLock
+    from strategies.base import StackView
+
+    settings = _state(ctx).settings
+    conn = connect(settings.state_path)
+    journal = Journal(conn, LeaseLock(conn))
+    rows = []
+    for name, config in sorted(settings.stacks.items()):
+        row: dict[str, Any] = {
+            "stack": name,
+            "provider": config.provider,
+            "address": config.address,
+        }
+        try:
+            provider = make_provider(settings, name, config)
+            view = StackView(
+                name,
+                config,
+                provider.list_servers(name),
+                provider.get_members(name, config.address),
+            )
+            row.update(generation=view.generation, servers=len(view.servers), holder=view.members)
+        except ChangeoverError as exc:
+            row.update(generation=None, servers=None, holder=[], error=str(exc))
+        last = journal.runs(name, limit=1)
+        row["last_run"] = (
+            {"id": last[0].id, "strategy": last[0].strategy, "status": last[0].status}
+            if last
+            else None
+        )
+        rows.append(row)
+    conn.close()
+    text = []
+    for r in rows:
+        last = r["last_run"]
+        text.append(
+            f"{r['stack']:<12} {r['provider']:<8} gen={r['generation']} servers={r['servers']} "
+            f"address={r['address']} -> {','.join(r['holder']) or '-'} "
+            f"last={last['id'] + ' ' + last['strategy'] + ' ' + last['status'] if last else '-'}"
+            + (f"  ({r['error']})" if r.get("error") else "")
+        )
+    _emit(settings, {"stacks": rows}, "\n".join(text) or "no stacks configured")
+
+
+StrategyArg = Annotated[str, typer.Argument(help="rebuild | rotate", metavar="STRATEGY")]
+
+
+@app.command()
+def plan(
+    ctx: typer.Context,
+    strategy: StrategyArg,
+    stack: str,
+    bake: Annotated[float | None, typer.Option(min=0)] = None,
+    retain: Annotated[float | None, typer.Option(min=0)] = None,
+    no_migrate_data: bool = False,
+    max_surge: Annotated[int | None, typer.Option(min=1)] = None,
+    min_healthy: Annotated[int | None, typer.Option(min=0, max=100)] = None,
+    older_than: str | None = None,
+    only_if_needed: bool = False,
+) -> None:
+    """The steps a run would take. Makes no mutating call."""
+    settings = _state(ctx).settings
+    builder = _builder(
+        strategy,
+        bake=bake,
+        retain=retain,
+        no_migrate_data=no_migrate_data,
+        max_surge=max_surge,
+        min_healthy=min_healthy,
+        older_than=older_than,
+        only_if_needed=only_if_needed,
+    )
+    raise typer.Exit(_execute(settings, stack, builder, yes=False, dry_run=True))
+
+
+def _builder(strategy: str, **o: Any) -> Any:
+    from orchestrator.errors import BadInput
+
+    if strategy == "rebuild":
+        from strategies.rebuild import plan_rebuild
+
+        return lambda p, n, c: plan_rebuild(
+            p, n, c, bake=o["bake"], retain=o["retain"], migrate_data=not o["no_migrate_data"]
+        )
+    if strategy == "rotate":
+        from strategies.rotate import plan_rotate
+
+        older = parse_duration(o["older_than"]) if o.get("older_than") else None
+        return lambda p, n, c: plan_rotate(
+            p,
+            n,
+            c,
+            max_surge=o["max_surge"],
+            min_healthy=o["min_healthy"],
+            older_than=older,
+            only_if_needed=o["only_if_needed"],
+        )
+    raise BadInput(f"unknown strategy {strategy!r} (rebuild, rotate)")
+
+
+@app.command()
+def rebuild(
+    ctx: typer.Context,
+    stack: str,
+    bake: Annotated[float | None, typer.Option(min=0, help="seconds to bake")] = None,
+    retain: Annotated[
+        float | None, typer.Option(min=0, help="seconds to keep the old generation")
+    ] = None,
+    no_migrate_data: Annotated[
+        bool, typer.Option(help="keep the data role; rebuild the rest")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
+    dry_run: Annotated[bool, typer.Option(help="print the plan; change nothing")] = False,
+) -> None:
+    """Build the next generation, verify, migrate data, cut over, bake, retire."""
+    settings = _state(ctx).settings
+    builder = _builder("rebuild", bake=bake, retain=retain, no_migrate_data=no_migrate_data)
+    raise typer.Exit(_execute(settings, stack, builder, yes, dry_run))
+
+
+@app.command()
+def rotate(
+    ctx: typer.Context,
+    stack: str,
+    max_surge: Annotated[int | None, typer.Option(min=1, help="new servers at a time")] = None,
+    min_healthy: Annotated[
+        int | None, typer.Option(min=0, max=100, help="percent serving")
+    ] = None,
+    older_than: Annotated[
+        str | None, typer.Option(help="only servers older than (30d, 12h)")
+    ] = None,
+    only_if_needed: Annotated[
+        bool, typer.Option(help="also servers failing hygiene; no-op if none")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
+    dry_run: Annotated[bool, typer.Option(help="print the plan; change nothing")] = False,
+) -> None:
+    """Surge-first replacement of the serving servers, a batch at a time."""
+    settings = _state(ctx).settings
+    builder = _builder(
+        "rotate",
+        max_surge=max_surge,
+        min_healthy=min_healthy,
+        older_than=older_than,
+        only_if_needed=only_if_needed,
+    )
+    raise typer.Exit(_execute(settings, stack, builder, yes, dry_run))
+
+
+def _run_engine_for(settings: Settings, run_id: str) -> tuple[Engine, str]:
+    from orchestrator.db import connect
+    from orchestrator.errors import PreconditionFailed
+    from orchestrator.journal import Journal
+    from orchestrator.lock import LeaseLock
+
+    conn = connect(settings.state_path)
+    journal = Journal(conn, LeaseLock(conn))
+    rec = journal.get_run(run_id) or journal.find_run(run_id)
+    conn.close()
+    if rec is None:
+        raise PreconditionFailed(f"no run {run_id!r} in the journal at {settings.state_path}")
+    config = settings.stack(rec.stack)
+    return _engine(settings, make_provider(settings, rec.stack, config), config), rec.id
+
+
+@app.command()
+def resume(ctx: typer.Context, run_id: str) -> None:
+    """Continue an interrupted run from its journal."""
+    settings = _state(ctx).settings
+    engine, rid = _run_engine_for(settings, run_id)
+    try:
+        result = engine.resume(rid)
+    finally:
+        engine.close()
+    _print_result(settings, result)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def rollback(ctx: typer.Context, run_id: str) -> None:
+    """Undo an unfinished run; point the address back."""
+    settings = _state(ctx).settings
+    engine, rid = _run_engine_for(settings, run_id)
+    try:
+        result = engine.rollback(rid)
+    finally:
+        engine.close()
+    _print_result(settings, result)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def status(ctx: typer.Context, run_id: Annotated[str | None, typer.Argument()] = None) -> None:
+    """Runs and their steps."""
+    from orchestrator.db import connect
+    from orchestrator.errors import PreconditionFailed
+    from orchestrator.journal import Journal
+    from orchestrator.lock import LeaseLock
+
+    settings = _state(ctx).settings
+    conn = connect(settings.state_path)
+    journal = Journal(conn, LeaseLock(conn))
+    try:
+        if run_id is None:
+            runs = journal.runs(limit=20)
+            data = {
+                "runs": [
+                    {
+                        "id": r.id,
+                        "strategy": r.strategy,
+                        "stack": r.stack,
+                        "status": r.status,
+                        "created_at": r.created_at,
+                        "error": r.error,
+                    }
+                    for r in runs
+                ]
+            }
+            text = (
+                "\n".join(f"{r.id}  {r.strategy:<8} {r.stack:<12} {r.status}" for r in runs)
+                or "no runs yet"
+            )
+            _emit(settings, listing, text)
+            return
+        rec = journal.get_run(run_id) or journal.find_run(run_id)
+        if rec is None:
+            raise PreconditionFailed(f"no run {run_id!r} in the journal")
+        steps = journal.steps(rec.id)
+        holder = journal.lock.holder(rec.stack)
+    finally:
+        conn.close()
+    advice = {
+        "running": f"interrupted or still running: `changeover resume {rec.id}` to continue, "
+        f"or `changeover rollback {rec.id}` to undo",
+        "rolling_back": f"rollback interrupted: `changeover resume {rec.id}` finishes it",
+        "dirty": "an operator is needed: fix the failed undo below, then "
+        f"`changeover rollback {rec.id}`",
+    }.get(rec.status, "")
+    data: dict[str, Any] = {
+        "id": rec.id,
+        "strategy": rec.strategy,
+        "stack": rec.stack,
+        "status": rec.status,
+        "error": rec.error,
+        "next": advice,
+        "lock": dict(holder) if holder else None,
+        "steps": [
+            {
+                "index": s.idx + 1,
+                "key": s.key,
+                "state": s.state,
+                "attempts": s.attempts,
+                "seconds": s.seconds,
+                "noop": s.noop,
+                "error": s.error,
+                "undo": s.undo_state,
+                "undo_error": s.undo_error,
+            }
+            for s in steps
+        ],
+        "result": rec.result,
+    }
+    lines = [f"run {rec.id}: {rec.strategy} {rec.stack} [{rec.status}]"]
+    if rec.error:
+        lines.append(f"  reason: {rec.error}")
+    for s in steps:
+        extra = f" undo={s.undo_state}" if s.undo_state else ""
+        extra += f" ({s.noop})" if s.noop else ""
+        extra += f" error: {s.error}" if s.error else ""
+        extra += f" undo error: {s.undo_error}" if s.undo_error else ""
+        lines.append(f"  {s.idx + 1:>2}. {s.key:<24} {s.state:<8}{extra}")
+    if "resources" in rec.result:
+        lines.append("  resources: " + json.dumps(rec.result["resources"]))
+    if advice:
+        lines.append(f"  next: {advice}")
+    _emit(settings, data, "\n".join(lines))
+
+
+@app.command()
+def unlock(
+    ctx: typer.Context,
+    stack: str,
+    force: Annotated[bool, typer.Option("--force", help="required: break the lease")] = False,
+) -> None:
+    """Break a stack's lease. The old holder is fenced from then on."""
+    from orchestrator.db import connect
+    from orchestrator.errors import BadInput
+    from orchestrator.lock import LeaseLock
+
+    settings = _state(ctx).settings
+    settings.stack(stack)
+    if not force:
+        raise BadInput("unlock breaks another run's lease; pass --force if you mean it")
+    conn = connect(settings.state_path)
+    holder = LeaseLock(conn).break_lock(stack)
+    conn.close()
+    _emit(
+        settings,
+        {"stack": stack, "broken": holder},
+        f"unlocked {stack}" + (f" (was held by {holder})" if holder else " (was not locked)"),
+    )
+
+
+@app.command()
+def rehearse(ctx: typer.Context, scenario_file: Path) -> None:
+    """Run a rehearsal scenario: a strategy under load with faults, then checks."""
+    from orchestrator.rehearse import load_scenario, run_scenario
+
+    settings = _state(ctx).settings
+    scenario = load_scenario(scenario_file)
+    report = run_scenario(scenario, state_dir=settings.state_path)
+    text = [f"scenario {scenario.name}: {'PASS' if report['passed'] else 'FAIL'}"]
+    text += [
+        f"  {c['check']}: {'ok' if c['ok'] else 'FAILED'} ({c['detail']})" for c in report["checks"]
+    ]
+    _emit(settings, report, "\n".join(text))
+    raise typer.Exit(0 if report["passed"] else 1)
+
+
+@local_app.command("up")
+def local_up(ctx: typer.Context) -> None:
+    """Start the local cloud and create each local stack's generation 1 if missing."""
+    from providers.local.bootstrap import ensure_stack
+    from providers.local.cloud import LocalCloud
+
+    settings = _state(ctx).settings
+    cloud = LocalCloud(settings.state_path)
+    out = {}
+    for name, config in sorted(settings.stacks.items()):
+        if config.provider == "local":
+            created = ensure_stack(cloud, name, config)
+            info = cloud.address(name, config.address)
+            out[name] = {"created": created, "address": f"127.0.0.1:{info.port}" if info else None}
+    _emit(
+        settings,
+        {"stacks": out},
+        "\n".join(
+            f"{n}: {'created generation 1' if v['created'] else 'already up'}; "
+            f"address {v['address']}"
+            for n, v in out.items()
+        )
+        or "no local stacks configured",
+    )
+
+
+@local_app.command("down")
+def local_down(ctx: typer.Context) -> None:
+    """Stop every server and proxy of the local cloud."""
+    from providers.local.cloud import LocalCloud
+
+    settings = _state(ctx).settings
+    stopped = LocalCloud(settings.state_path).down()
+    _emit(settings, {"stopped": stopped}, f"stopped {stopped} processes")
+
+
+@local_app.command("status")
+def local_status(ctx: typer.Context) -> None:
+    """Processes of the local cloud."""
+    from providers.local.cloud import LocalCloud
+
+    settings = _state(ctx).settings
+    procs = LocalCloud(settings.state_path).processes()
+    _emit(
+        settings,
+        {"processes": procs},
+        "\n".join(f"{p['kind']:<8} {p['stack']:<10} {p['id']:<14} pid={p['pid']}" for p in procs)
+        or "local cloud is down",
+    )
+
+
+def main() -> None:
+    """Entry point: map errors to one line on stderr and the contract's exit codes."""
+    from orchestrator.errors import ChangeoverError
+
+    try:
+        app()  # standalone: typer prints usage errors itself and exits 2
+    except ChangeoverError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; `changeover status` shows where the run stopped\n")
+        sys.exit(3)

@@ -1,0 +1,383 @@
+"""The engine: runs plans durably, retries transient errors, undoes on failure, resumes.
+
+For each step it journals the start, runs ``do`` under the step's retry policy
+(tenacity; sleep is injectable), then journals the end with the outputs. A failed step
+starts a rollback: ``undo`` of every step that began, in reverse, back to the last
+irreversible step. A failed ``undo`` stops the rollback: the run is dirty and the
+result names each resource and its state. ``resume`` continues a killed run from its
+journal; ``rollback`` undoes an unfinished one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from orchestrator import events
+from orchestrator.db import connect
+from orchestrator.errors import (
+    ChangeoverError,
+    FencedError,
+    LockedError,
+    PreconditionFailed,
+)
+from orchestrator.journal import Journal, RunRecord, StepRecord
+from orchestrator.lock import Lease, LeaseLock
+from orchestrator.log import get_logger
+from orchestrator.plan import Outcome, Plan, RunContext, Step, StepResult
+from orchestrator.settings import StackConfig
+from providers.base import Provider
+
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+def new_run_id() -> str:
+    """Sortable by time, unique enough to tag cloud resources with."""
+    return time.strftime("r%Y%m%d-%H%M%S-", time.gmtime()) + uuid.uuid4().hex[:6]
+
+
+@dataclass
+class RunResult:
+    """What a run came to: the outcome, its message, and the JSON summary."""
+
+    run_id: str | None
+    outcome: Outcome
+    message: str = ""
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return self.outcome.exit_code
+
+
+class Engine:
+    """Runs, resumes and rolls back plans for one stack's provider."""
+
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        provider: Provider,
+        config: StackConfig,
+        lock_ttl: float = 60.0,
+        crash_after_step: int | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.time,
+        on_event: EventSink | None = None,
+    ) -> None:
+        self.conn = connect(state_dir)
+        self.lock = LeaseLock(self.conn, ttl=lock_ttl, clock=clock)
+        self.journal = Journal(self.conn, self.lock)
+        self.provider = provider
+        self.config = config
+        self.crash_after_step = crash_after_step
+        self.sleep = sleep
+        self.clock = clock
+        self.on_event = on_event or (lambda _k, _p: None)
+        self._steps_done_here = 0
+        self._last_beat = 0.0
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # --- entry points ------------------------------------------------------------------
+    def start(self, plan: Plan, run_id: str | None = None) -> RunResult:
+        """Start a new run of `plan`. Raises LockedError if the stack is busy."""
+        run_id = run_id or new_run_id()
+        for other in self.journal.unfinished(plan.stack):
+            raise LockedError(plan.stack, other.id, self._lease_left(plan.stack))
+        lease = self.lock.acquire(plan.stack, run_id)
+        get_logger(run=run_id).info(events.LOCK_ACQUIRED, stack_name=plan.stack, token=lease.token)
+        self.journal.create_run(run_id, plan.to_dict(), lease)
+        get_logger(run=run_id).info(
+            events.RUN_STARTED, strategy=plan.strategy, stack_name=plan.stack, steps=len(plan.steps)
+        )
+        return self._drive(run_id, plan, lease)
+
+    def resume(self, run_id: str) -> RunResult:
+        """Continue an interrupted run from its journal."""
+        rec = self._unfinished(run_id, "resume")
+        plan = Plan.from_dict(rec.plan)
+        lease = self.lock.acquire(rec.stack, rec.id)
+        get_logger(run=rec.id).info(events.RUN_RESUMED, status=rec.status, token=lease.token)
+        if rec.status == "rolling_back":
+            return self._rollback(rec.id, plan, lease, cause="resumed an interrupted rollback")
+        return self._drive(rec.id, plan, lease)
+
+    def rollback(self, run_id: str) -> RunResult:
+        """Undo an unfinished run: back to the last irreversible step."""
+        rec = self._unfinished(run_id, "roll back")
+        plan = Plan.from_dict(rec.plan)
+        records = self.journal.steps(rec.id)
+        if all(r.state == "done" for r in records):
+            raise PreconditionFailed(
+                f"run {rec.id} finished every step; nothing to roll back. "
+                f"`changeover resume {rec.id}` records its end"
+            )
+        lease = self.lock.acquire(rec.stack, rec.id)
+        return self._rollback(rec.id, plan, lease, cause="rollback requested by operator")
+
+    # --- driving -----------------------------------------------------------------------
+    def _unfinished(self, run_id: str, verb: str) -> RunRecord:
+        rec = self.journal.get_run(run_id) or self.journal.find_run(run_id)
+        if rec is None:
+            raise PreconditionFailed(f"no run {run_id!r} in the journal")
+        if rec.finished:
+            raise PreconditionFailed(
+                f"cannot {verb} run {rec.id}: it already ended ({rec.outcome or rec.status})"
+            )
+        return rec
+
+    def _lease_left(self, stack: str) -> float:
+        row = self.lock.holder(stack)
+        return float(row["expires_at"] - self.clock()) if row else 0.0
+
+    def _context(self, run_id: str, plan: Plan, lease: Lease) -> RunContext:
+        outputs = {r.key: r.outputs for r in self.journal.steps(run_id) if r.state == "done"}
+        holder = {"lease": lease}
+
+        def heartbeat() -> None:
+            now = time.monotonic()
+            if now - self._last_beat >= 1.0:
+                holder["lease"] = self.lock.renew(holder["lease"])
+                self._last_beat = now
+
+        return RunContext(
+            run_id=run_id,
+            stack=plan.stack,
+            config=self.config,
+            provider=self.provider,
+            outputs=outputs,
+            log=get_logger(run=run_id, stack_name=plan.stack),
+            clock=self.clock,
+            sleep=self.sleep,
+            heartbeat=heartbeat,
+        )
+
+    def _attempt(self, step: Step, ctx: RunContext, fn: Callable[[], StepResult | None]) -> Any:
+        policy = step.policy()
+
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            ctx.log.warning(
+                events.STEP_RETRY, step=step.key, attempt=state.attempt_number, error=str(exc)
+            )
+            self.on_event("retry", {"step": step.key, "attempt": state.attempt_number})
+
+        retrying = Retrying(
+            stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.deadline),
+            wait=wait_exponential_jitter(initial=policy.backoff_initial, max=policy.backoff_max),
+            retry=retry_if_exception_type(policy.transient),
+            sleep=self.sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+
+        def call() -> StepResult | None:
+            ctx.heartbeat()
+            return fn()
+
+        return retrying(call)
+
+    def _drive(self, run_id: str, plan: Plan, lease: Lease) -> RunResult:
+        ctx = self._context(run_id, plan, lease)
+        records = self.journal.steps(run_id)
+        total = len(plan.steps)
+        for idx, step in enumerate(plan.steps):
+            if records[idx].state == "done":
+                continue
+            self.journal.step_started(run_id, idx, lease)
+            ctx.log.info(events.STEP_STARTED, step=step.key, index=idx + 1, of=total)
+            self.on_event("step_started", {"step": step.key, "index": idx, "total": total})
+            t0 = time.monotonic()
+            try:
+                result: StepResult = self._attempt(step, ctx, step_call(step.do, ctx))
+            except FencedError:
+                raise
+            except Exception as exc:
+                reason = _reason(exc)
+                self.journal.step_failed(run_id, idx, lease, reason)
+                ctx.log.error(events.STEP_FAILED, step=step.key, error=reason)
+                self.on_event("step_failed", {"step": step.key, "error": reason})
+                if isinstance(exc, PreconditionFailed) and not any(
+                    r.state in ("done", "started") for r in records[:idx]
+                ):
+                    return self._finish(
+                        run_id, plan, lease, Outcome.PRECONDITION_FAILED, f"{step.key}: {reason}"
+                    )
+                return self._rollback(run_id, plan, lease, cause=f"{step.key} failed: {reason}")
+            self.journal.step_done(run_id, idx, lease, result.outputs, result.noop)
+            ctx.outputs[step.key] = result.outputs
+            elapsed = round(time.monotonic() - t0, 3)
+            if result.noop:
+                ctx.log.info(events.STEP_NOOP, step=step.key, reason=result.noop)
+            else:
+                ctx.log.info(events.STEP_DONE, step=step.key, seconds=elapsed)
+            self.on_event(
+                "step_done", {"step": step.key, "index": idx, "total": total, "noop": result.noop}
+            )
+            self._maybe_crash(step)
+        return self._finish(run_id, plan, lease, Outcome.SUCCEEDED, "done")
+
+    def _maybe_crash(self, step: Step) -> None:
+        """Testing hook (CHANGEOVER_CRASH_AFTER_STEP): die like a kill -9 would."""
+        self._steps_done_here += 1
+        if self.crash_after_step is not None and self._steps_done_here == self.crash_after_step:
+            get_logger().warning(events.CRASH_INJECTED, after_step=step.key)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # --- rollback ------------------------------------------------------------------------
+    def _rollback(self, run_id: str, plan: Plan, lease: Lease, *, cause: str) -> RunResult:
+        self.journal.set_status(run_id, "rolling_back", lease, error=cause)
+        ctx = self._context(run_id, plan, lease)
+        ctx.log.warning(events.RUN_ROLLBACK_STARTED, cause=cause)
+        self.on_event("rollback_started", {"cause": cause})
+        records = self.journal.steps(run_id)
+        for rec in _undo_order(plan, records):
+            step = plan.steps[rec.idx]
+            if rec.undo_state == "done" or not step.has_undo:
+                continue
+            self.journal.undo_state(run_id, rec.idx, lease, "started")
+            ctx.log.info(events.STEP_UNDO_STARTED, step=step.key)
+            self.on_event("undo_started", {"step": step.key})
+            try:
+                self._attempt(step, ctx, step_call(step.undo, ctx))
+            except FencedError:
+                raise
+            except Exception as exc:
+                reason = _reason(exc)
+                self.journal.undo_state(run_id, rec.idx, lease, "failed", reason)
+                ctx.log.error(events.STEP_UNDO_FAILED, step=step.key, error=reason)
+                message = (
+                    f"{cause}; then undoing {step.key} failed: {reason}. The stack needs an "
+                    f"operator: see `changeover status {run_id}`, fix the cause, then "
+                    f"`changeover rollback {run_id}` again"
+                )
+                return self._finish(run_id, plan, lease, Outcome.DIRTY, message)
+            self.journal.undo_state(run_id, rec.idx, lease, "done")
+            ctx.log.info(events.STEP_UNDO_DONE, step=step.key)
+            self.on_event("undo_done", {"step": step.key})
+        ctx.log.warning(events.RUN_ROLLBACK_FINISHED, cause=cause)
+        return self._finish(run_id, plan, lease, Outcome.ROLLED_BACK, cause)
+
+    # --- the end ---------------------------------------------------------------------------
+    def _finish(
+        self, run_id: str, plan: Plan, lease: Lease, outcome: Outcome, message: str
+    ) -> RunResult:
+        summary = self.summarize(run_id, plan, outcome)
+        if outcome == Outcome.DIRTY:
+            summary["resources"] = self.resource_report(plan, run_id)
+            get_logger(run=run_id).error(events.RUN_DIRTY, message=message)
+        summary["message"] = message
+        self.journal.set_status(
+            run_id,
+            outcome.value,
+            lease,
+            outcome=outcome.value,
+            result=summary,
+            error=None if outcome == Outcome.SUCCEEDED else message,
+        )
+        self.lock.release(lease)
+        get_logger(run=run_id).info(events.RUN_FINISHED, outcome=outcome.value)
+        return RunResult(run_id, outcome, message, summary)
+
+    def summarize(self, run_id: str, plan: Plan, outcome: Outcome) -> dict[str, Any]:
+        """The JSON result PRODUCT.md describes, built from the journal."""
+        records = self.journal.steps(run_id)
+        created: list[str] = []
+        destroyed: list[str] = []
+        for rec in records:
+            created += rec.outputs.get("created", [])
+            destroyed += rec.outputs.get("destroyed", [])
+            if rec.undo_state == "done" and rec.outputs.get("created"):
+                destroyed += rec.outputs["created"]
+        address = self.config.address
+        try:
+            holder_after = sorted(self.provider.get_members(plan.stack, address))
+        except ChangeoverError:
+            holder_after = []
+        ps = plan.summary
+        gen_after = ps.get("generation_after") if outcome == Outcome.SUCCEEDED else None
+        return {
+            "run_id": run_id,
+            "strategy": plan.strategy,
+            "stack": plan.stack,
+            "outcome": outcome.value,
+            "generation": {
+                "before": ps.get("generation_before"),
+                "after": gen_after if gen_after is not None else ps.get("generation_before"),
+            },
+            "address": {
+                "name": address,
+                "before": ps.get("members_before", []),
+                "after": holder_after,
+            },
+            "servers": {"created": created, "destroyed": sorted(set(destroyed))},
+            "timings": {r.key: r.seconds for r in records if r.seconds is not None},
+            "api_calls": dict(sorted(self.provider.calls.items())),
+        }
+
+    def resource_report(self, plan: Plan, run_id: str) -> dict[str, Any]:
+        """Each resource the stack has and its state, for an operator to act on."""
+        try:
+            servers = self.provider.list_servers(plan.stack)
+            members = self.provider.get_members(plan.stack, self.config.address)
+        except ChangeoverError as exc:
+            return {"error": f"could not read the provider: {exc}"}
+        data_role = self.config.data_role
+        report: dict[str, Any] = {"address_members": members, "servers": []}
+        for s in servers:
+            entry: dict[str, Any] = {
+                "id": s.id,
+                "role": s.role,
+                "generation": s.generation,
+                "state": s.state,
+                "created_by_this_run": s.run == run_id,
+                "serving": s.id in members,
+            }
+            if s.role == data_role:
+                try:
+                    entry["write_mode"] = self.provider.data_mode(plan.stack, s.id).get("mode")
+                except ChangeoverError as exc:
+                    entry["write_mode"] = f"unknown ({exc})"
+            report["servers"].append(entry)
+        return report
+
+
+def _undo_order(plan: Plan, records: list[StepRecord]) -> list[StepRecord]:
+    """Steps that began, newest first, stopping at the last irreversible step done."""
+    out: list[StepRecord] = []
+    for rec in reversed(records):
+        if rec.state == "pending":
+            continue
+        if plan.steps[rec.idx].irreversible and rec.state == "done":
+            break
+        out.append(rec)
+    return out
+
+
+def step_call(
+    fn: Callable[[RunContext], StepResult | None], ctx: RunContext
+) -> Callable[[], StepResult | None]:
+    """Bind a step method to its context (a closure per step, not per loop variable)."""
+    return lambda: fn(ctx)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, ChangeoverError) else f"{type(exc).__name__}: {text}"

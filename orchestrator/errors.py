@@ -1,0 +1,100 @@
+"""Errors, split by what the engine does with them.
+
+    ChangeoverError
+    ├── BadInput              exit 2: bad config, flag or argument; nothing touched
+    │   ├── ConfigError
+    │   └── CapabilityError   a provider lacks what the stack needs
+    ├── PreconditionFailed    exit 2: the world is not as a run needs it; nothing touched
+    ├── LockedError           exit 4: another run holds the stack's lease
+    ├── FencedError           our lease was taken over; stop at once, touch nothing more
+    ├── TransientError        retried by the engine under the step's retry policy
+    ├── StepFailed            a step gave up: the engine rolls the run back (exit 1)
+    │   ├── VerificationFailed
+    │   ├── GuardRefused      a guarded step refused (for example an unverified cutover)
+    │   └── DataMismatch      the final sync's checksum or row count disagreed
+    └── DirtyError            a rollback step failed: an operator is needed (exit 3)
+
+Steps raise these; the engine maps them to outcomes. Nothing else escapes a step: any
+other exception is treated as StepFailed so the run still rolls back.
+"""
+
+from __future__ import annotations
+
+
+class ChangeoverError(Exception):
+    """Base of every error changeover raises on purpose."""
+
+    exit_code = 3
+
+
+class BadInput(ChangeoverError):
+    """Bad configuration, flag or argument. Nothing was touched."""
+
+    exit_code = 2
+
+
+class ConfigError(BadInput):
+    """The config file or a CHANGEOVER_* variable is wrong; the message names the key."""
+
+
+class CapabilityError(BadInput):
+    """A provider lacks a capability the stack needs."""
+
+    def __init__(self, provider: str, capability: str, hint: str = "") -> None:
+        self.provider = provider
+        self.capability = capability
+        msg = f"provider {provider!r} does not support {capability}"
+        super().__init__(f"{msg}; {hint}" if hint else msg)
+
+
+class PreconditionFailed(ChangeoverError):
+    """The world is not in a state a run can start from. Nothing was touched."""
+
+    exit_code = 2
+
+
+class LockedError(ChangeoverError):
+    """Another run holds the stack's lease."""
+
+    exit_code = 4
+
+    def __init__(self, stack: str, holder_run: str, expires_in: float) -> None:
+        self.stack = stack
+        self.holder_run = holder_run
+        super().__init__(
+            f"stack {stack!r} is locked by run {holder_run} (lease expires in "
+            f"{max(expires_in, 0):.0f}s); wait, or `changeover unlock {stack} --force` "
+            "if that run is dead"
+        )
+
+
+class FencedError(ChangeoverError):
+    """Our lease was broken or taken over; a newer holder owns the stack."""
+
+
+class TransientError(ChangeoverError):
+    """A failure worth retrying: throttling, a 5xx, eventual consistency."""
+
+
+class StepFailed(ChangeoverError):
+    """A step gave up. The engine rolls the run back."""
+
+    exit_code = 1
+
+
+class VerificationFailed(StepFailed):
+    """A server or the address failed the health gate."""
+
+
+class GuardRefused(StepFailed):
+    """A guarded step refused to act, with its reason."""
+
+
+class DataMismatch(StepFailed):
+    """The final data sync did not match (checksum or row count)."""
+
+
+class DirtyError(ChangeoverError):
+    """Rollback itself failed; an operator is needed."""
+
+    exit_code = 3

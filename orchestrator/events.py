@@ -1,0 +1,38 @@
+"""Log event names. Every structlog event changeover emits is one of these constants."""
+
+from __future__ import annotations
+
+RUN_STARTED = "run.started"
+RUN_FINISHED = "run.finished"
+RUN_RESUMED = "run.resumed"
+RUN_ROLLBACK_STARTED = "run.rollback.started"
+RUN_ROLLBACK_FINISHED = "run.rollback.finished"
+RUN_DIRTY = "run.dirty"
+
+STEP_STARTED = "step.started"
+STEP_DONE = "step.done"
+STEP_NOOP = "step.noop"
+STEP_RETRY = "step.retry"
+STEP_FAILED = "step.failed"
+STEP_UNDO_STARTED = "step.undo.started"
+STEP_UNDO_DONE = "step.undo.done"
+STEP_UNDO_FAILED = "step.undo.failed"
+
+LOCK_ACQUIRED = "lock.acquired"
+LOCK_RELEASED = "lock.released"
+LOCK_BROKEN = "lock.broken"
+LOCK_TAKEN_OVER = "lock.taken_over"
+
+CUTOVER_SKIPPED = "cutover.skipped"
+CUTOVER_REFUSED = "cutover.refused"
+CUTOVER_DONE = "cutover.done"
+BAKE_CHECK = "bake.check"
+BAKE_FAILED = "bake.failed"
+VERIFY_FAILED = "verify.failed"
+DATA_SYNCED = "data.synced"
+DRAIN_WAIT = "drain.wait"
+
+PROVIDER_CALL = "provider.call"
+LOCAL_STARTED = "local.started"
+LOCAL_STOPPED = "local.stopped"
+CRASH_INJECTED = "fault.crash_injected"

@@ -1,0 +1,73 @@
+"""Domain objects shared by the engine, strategies and providers."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+# Ownership tags (PRODUCT.md): a provider finds a stack's servers by these, and never
+# touches a resource without the stack's tag (I7).
+TAG_STACK = "changeover:stack"
+TAG_ROLE = "changeover:role"
+TAG_GENERATION = "changeover:generation"
+TAG_RUN = "changeover:run"
+
+ServerState = Literal["pending", "running", "stopped", "terminated"]
+
+
+@dataclass(frozen=True)
+class Server:
+    """One server as its provider describes it."""
+
+    id: str
+    stack: str
+    role: str
+    generation: int
+    run: str
+    state: ServerState
+    host: str | None = None
+    port: int | None = None
+    created_at: float = 0.0
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Member:
+    """A server behind an address: what the address routes to."""
+
+    id: str
+    host: str
+    port: int
+
+
+@dataclass
+class HealthReport:
+    """The health gate's verdict on one server: running, app healthy, host hygiene."""
+
+    server_id: str
+    running: bool
+    app_ok: bool
+    hygiene_ok: bool
+    reasons: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.running and self.app_ok and self.hygiene_ok
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """Row count, highest id and checksum of a data store: what the final sync compares."""
+
+    count: int
+    max_id: int
+    checksum: str

@@ -1,0 +1,170 @@
+"""Plans: an ordered list of named steps, each with ``do`` and, where it makes sense, ``undo``.
+
+A strategy composes a plan; the engine runs it. Steps carry their parameters as JSON data
+so the journal can store a plan and a new process can rebuild it to resume or roll back.
+Each step is idempotent: it checks real state first, then acts or records a no-op.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from orchestrator.errors import TransientError
+
+if TYPE_CHECKING:
+    from orchestrator.settings import StackConfig
+    from providers.base import Provider
+
+
+class Outcome(enum.StrEnum):
+    """How a run ended. Outcomes are values, not exceptions."""
+
+    SUCCEEDED = "succeeded"
+    NOOP = "noop"
+    ROLLED_BACK = "rolled_back"
+    DIRTY = "dirty"
+    PRECONDITION_FAILED = "precondition_failed"
+    LOCKED = "locked"
+    RUNNING = "running"
+
+    @property
+    def exit_code(self) -> int:
+        return {
+            Outcome.SUCCEEDED: 0,
+            Outcome.NOOP: 0,
+            Outcome.ROLLED_BACK: 1,
+            Outcome.PRECONDITION_FAILED: 2,
+            Outcome.DIRTY: 3,
+            Outcome.LOCKED: 4,
+            Outcome.RUNNING: 3,
+        }[self]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How the engine retries a step: data, applied with tenacity by the engine."""
+
+    attempts: int = 5
+    deadline: float = 60.0  # seconds, across all attempts
+    backoff_initial: float = 0.1
+    backoff_max: float = 2.0
+    transient: tuple[type[BaseException], ...] = (TransientError,)
+
+
+NO_RETRY = RetryPolicy(attempts=1)
+
+
+@dataclass
+class StepResult:
+    """What a step did: outputs for later steps, or a no-op with its reason."""
+
+    outputs: dict[str, Any] = field(default_factory=dict)
+    noop: str | None = None
+
+
+@dataclass
+class RunContext:
+    """What a step may use: the provider, the stack, earlier outputs, clock and sleep."""
+
+    run_id: str
+    stack: str
+    config: StackConfig
+    provider: Provider
+    outputs: dict[str, dict[str, Any]]
+    log: Any
+    clock: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep
+    heartbeat: Callable[[], None] = lambda: None
+
+    def output(self, step_key: str) -> dict[str, Any]:
+        return self.outputs.get(step_key, {})
+
+    def wait(self, seconds: float) -> None:
+        """Sleep in short slices, renewing our lease, so long waits keep the lock."""
+        end = self.clock() + seconds
+        while (left := end - self.clock()) > 0:
+            self.heartbeat()
+            self.sleep(min(left, 1.0))
+
+
+STEP_TYPES: dict[str, type[Step]] = {}
+
+
+class Step:
+    """One step of a plan. Subclasses are named VerbObject and do one job."""
+
+    name: ClassVar[str] = ""
+    retry: ClassVar[RetryPolicy] = RetryPolicy()
+    # Past an irreversible step, rollback cannot go: it undoes only what came after.
+    irreversible: ClassVar[bool] = False
+
+    def __init__(self, key: str | None = None, **params: Any) -> None:
+        self.key = key or self.name
+        self.params = params
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            STEP_TYPES[cls.name] = cls
+
+    def policy(self) -> RetryPolicy:
+        """The retry policy for this instance; steps with a configured deadline override."""
+        return self.retry
+
+    def do(self, ctx: RunContext) -> StepResult:
+        raise NotImplementedError(f"{self.name} has no do()")  # a programming error
+
+    def undo(self, ctx: RunContext) -> StepResult | None:
+        """Undo what do() did. None means there is nothing to undo for this step."""
+        return None
+
+    @property
+    def has_undo(self) -> bool:
+        return type(self).undo is not Step.undo
+
+    def describe(self) -> str:
+        """One line for `plan`."""
+        shown = ", ".join(f"{k}={v}" for k, v in self.params.items() if not k.startswith("_"))
+        return f"{self.key}({shown})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "name": self.name, "params": self.params}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Step:
+        cls = STEP_TYPES[d["name"]]
+        return cls(key=d["key"], **d["params"])
+
+
+@dataclass
+class Plan:
+    """An ordered list of steps for one strategy on one stack."""
+
+    strategy: str
+    stack: str
+    steps: list[Step]
+    params: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "strategy": self.strategy,
+            "stack": self.stack,
+            "params": self.params,
+            "summary": self.summary,
+            "steps": [s.to_dict() for s in self.steps],
+        }
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Plan:
+        return Plan(
+            strategy=d["strategy"],
+            stack=d["stack"],
+            steps=[Step.from_dict(s) for s in d["steps"]],
+            params=d.get("params", {}),
+            summary=d.get("summary", {}),
+        )

@@ -1,0 +1,276 @@
+"""The local provider: the Provider Protocol over the embedded local cloud.
+
+Every call is counted, written to the cloud's call journal (so tests can assert that
+`plan` made no mutating call, I8, or that nothing was associated before verification),
+and passes through the cloud's fault table (injected failures and latencies).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import Counter
+from typing import Any
+
+from orchestrator.errors import (
+    CapabilityError,
+    ChangeoverError,
+    PreconditionFailed,
+    StepFailed,
+    TransientError,
+)
+from orchestrator.models import DataSummary, HealthReport, Member, Server
+from orchestrator.settings import HealthCheck, HygienePolicy
+from providers.base import MUTATING_OPS
+from providers.local.cloud import LocalCloud
+from providers.local.http import HttpError, request
+
+COPY_PAGE = 2000  # rows per page when copying data between db servers
+
+
+class InjectedFault(ChangeoverError):
+    """A non-transient failure injected into a provider call."""
+
+
+class LocalProvider:
+    """Provider for stacks on the embedded local cloud."""
+
+    name = "local"
+
+    def __init__(self, cloud: LocalCloud) -> None:
+        self.cloud = cloud
+        self.calls: Counter[str] = Counter()
+
+    # --- bookkeeping -----------------------------------------------------------------
+    def _call(self, op: str, detail: str = "") -> None:
+        """Count and journal a call, then apply injected faults for it."""
+        self.calls[op] += 1
+        self.cloud.record_call(op, op in MUTATING_OPS, detail)
+        for fault in self.cloud.take_faults("latency", op):
+            time.sleep(float(fault.get("seconds", 0.0)))
+        for fault in self.cloud.take_faults("fail_call", op):
+            message = f"injected failure of {op}"
+            if fault.get("error", "transient") == "transient":
+                raise TransientError(message)
+            raise InjectedFault(message)
+
+    def _owned(self, stack: str, server_id: str) -> Server:
+        row = self.cloud.server_row(server_id)
+        if row is None or row["stack"] != stack:
+            # I7: never touch what does not carry this stack's tag.
+            raise PreconditionFailed(f"server {server_id} does not belong to stack {stack!r}")
+        return self.cloud.to_server(row)
+
+    def _port(self, stack: str, server_id: str) -> int:
+        server = self._owned(stack, server_id)
+        if server.port is None:
+            raise TransientError(f"server {server_id} is {server.state}, not running")
+        return server.port
+
+    # --- servers -----------------------------------------------------------------------
+    def list_servers(self, stack: str) -> list[Server]:
+        self._call("list_servers", stack)
+        return [self.cloud.to_server(r) for r in self.cloud.server_rows(stack)]
+
+    def describe_servers(self, stack: str, ids: list[str]) -> list[Server]:
+        self._call("describe_servers", f"{stack}:{len(ids)}")
+        wanted = set(ids)
+        return [self.cloud.to_server(r) for r in self.cloud.server_rows(stack) if r["id"] in wanted]
+
+    def create_servers(
+        self,
+        *,
+        stack: str,
+        role: str,
+        generation: int,
+        run_id: str,
+        count: int,
+        image: str,
+        size: str,
+        idempotency_key: str,
+        links: dict[str, str],
+    ) -> list[Server]:
+        self._call("create_servers", f"{stack}:{role}:{count}:{idempotency_key}")
+        db_url = None
+        if "db" in links:
+            db_url = f"http://127.0.0.1:{self._port(stack, links['db'])}"
+        # Like EC2's ClientToken: a resumed step finds what it already created.
+        rows = [r for r in self.cloud.server_rows(stack) if r["idem_key"] == idempotency_key]
+        ids = [r["id"] for r in rows]
+        while len(ids) < count:
+            spec: dict[str, Any] = {"image": image, "size": size, "db_url": db_url}
+            for fault in self.cloud.take_faults("server", role=role):
+                spec.update({k: v for k, v in fault.items() if k != "role"})
+            ids.append(
+                self.cloud.register_server(
+                    stack=stack,
+                    role=role,
+                    generation=generation,
+                    run=run_id,
+                    idem_key=idempotency_key,
+                    spec=spec,
+                )
+            )
+        for server_id in ids:
+            row = self.cloud.server_row(server_id)
+            if row is not None and row["pid"] is None:
+                self.cloud.boot_server(server_id)
+        return [self.cloud.to_server(r) for r in map(self.cloud.server_row, ids) if r]
+
+    def destroy_servers(self, stack: str, ids: list[str]) -> list[str]:
+        self._call("destroy_servers", f"{stack}:{','.join(ids)}")
+        done = []
+        for server_id in ids:
+            row = self.cloud.server_row(server_id)
+            if row is None or row["stack"] != stack:
+                raise PreconditionFailed(f"server {server_id} does not belong to stack {stack!r}")
+            if not row["destroyed"]:
+                self.cloud.destroy_server(server_id)
+                done.append(server_id)
+        return done
+
+    # --- health ------------------------------------------------------------------------
+    def verify_server(
+        self, server: Server, check: HealthCheck, policy: HygienePolicy
+    ) -> HealthReport:
+        self._call("verify_server", server.id)
+        current = self._owned(server.stack, server.id)
+        report = HealthReport(current.id, current.state == "running", False, False)
+        if current.port is None:
+            report.reasons.append(f"server is {current.state}")
+            return report
+        if check.type == "http":
+            try:
+                request(current.port, "GET", check.path, timeout=check.timeout)
+                report.app_ok = True
+            except HttpError as exc:
+                report.reasons.append(f"health check failed: {exc}")
+        elif check.type == "tcp":
+            try:
+                socket.create_connection(("127.0.0.1", current.port), check.timeout).close()
+                report.app_ok = True
+            except OSError as exc:
+                report.reasons.append(f"tcp check failed: {exc}")
+        else:
+            raise CapabilityError("local", f"health check type {check.type!r}", "use http or tcp")
+        try:
+            _, facts, _ = request(current.port, "GET", "/facts", timeout=check.timeout)
+        except HttpError as exc:
+            report.reasons.append(f"could not read host facts: {exc}")
+            return report
+        report.facts = facts
+        report.hygiene_ok = True
+        pending = facts.get("pending", [])
+        if policy.pending == "none" and pending:
+            report.hygiene_ok = False
+            names = ", ".join(p["name"] for p in pending)
+            report.reasons.append(f"{len(pending)} pending upgrade(s): {names}")
+        elif policy.pending == "security":
+            sec = [p for p in pending if p.get("security")]
+            if sec:
+                report.hygiene_ok = False
+                names = ", ".join(p["name"] for p in sec)
+                report.reasons.append(f"{len(sec)} pending security upgrade(s): {names}")
+        if policy.reboot_required_fails and facts.get("reboot_required"):
+            report.hygiene_ok = False
+            pkgs = ", ".join(facts.get("reboot_required_pkgs", [])) or "unknown packages"
+            report.reasons.append(f"reboot required (by {pkgs})")
+        return report
+
+    # --- address ----------------------------------------------------------------------
+    def _address(self, stack: str, address: str) -> Any:
+        info = self.cloud.address(stack, address)
+        if info is None:
+            raise PreconditionFailed(
+                f"address {address!r} of stack {stack!r} is not running; `changeover local up`"
+            )
+        return info
+
+    def get_members(self, stack: str, address: str) -> list[str]:
+        self._call("get_members", address)
+        info = self._address(stack, address)
+        try:
+            _, data, _ = request(info.control_port, "GET", "/members")
+        except HttpError as exc:
+            raise TransientError(str(exc)) from exc
+        return [m["id"] for m in data.get("members", [])]
+
+    def set_members(self, stack: str, address: str, ids: list[str]) -> None:
+        self._call("set_members", f"{address}:{','.join(ids)}")
+        info = self._address(stack, address)
+        members = []
+        for server_id in ids:
+            port = self._port(stack, server_id)
+            members.append(Member(server_id, "127.0.0.1", port).__dict__)
+        try:
+            request(info.control_port, "PUT", "/members", {"members": members})
+        except HttpError as exc:
+            raise TransientError(str(exc)) from exc
+
+    def inflight(self, stack: str, address: str) -> dict[str, int]:
+        self._call("inflight", address)
+        info = self._address(stack, address)
+        try:
+            _, data, _ = request(info.control_port, "GET", "/stats")
+        except HttpError as exc:
+            raise TransientError(str(exc)) from exc
+        return {k: int(v) for k, v in data.get("inflight", {}).items()}
+
+    def probe_address(self, stack: str, address: str, path: str) -> tuple[int, str | None]:
+        self._call("probe_address", address)
+        info = self._address(stack, address)
+        try:
+            status, data, headers = request(info.port, "GET", path, ok=tuple(range(100, 600)))
+        except HttpError as exc:
+            return 0, str(exc)
+        return status, headers.get("x-changeover-backend") or data.get("id")
+
+    # --- data ---------------------------------------------------------------------------
+    def _data_request(
+        self, stack: str, server_id: str, method: str, path: str, body: Any = None
+    ) -> dict[str, Any]:
+        port = self._port(stack, server_id)
+        try:
+            return request(port, method, path, body, timeout=70.0)[1]
+        except HttpError as exc:
+            if exc.status is not None and exc.status < 500:
+                raise StepFailed(str(exc)) from exc
+            raise TransientError(str(exc)) from exc
+
+    def data_summary(self, stack: str, server_id: str) -> DataSummary:
+        self._call("data_summary", server_id)
+        d = self._data_request(stack, server_id, "GET", "/db/summary")
+        return DataSummary(int(d["count"]), int(d["max_id"] or 0), str(d["checksum"]))
+
+    def data_copy(self, stack: str, src_id: str, dst_id: str, after_id: int) -> int:
+        self._call("data_copy", f"{src_id}->{dst_id}>{after_id}")
+        copied = 0
+        cursor = after_id
+        while True:
+            rows = self._data_request(
+                stack, src_id, "GET", f"/db/dump?after={cursor}&limit={COPY_PAGE}"
+            )["rows"]
+            if not rows:
+                return copied
+            self._data_request(stack, dst_id, "POST", "/db/load", {"rows": rows})
+            copied += len(rows)
+            cursor = int(rows[-1][0])
+
+    def data_mode(self, stack: str, server_id: str) -> dict[str, Any]:
+        self._call("data_mode", server_id)
+        return self._data_request(stack, server_id, "GET", "/admin/mode")
+
+    def data_set_mode(
+        self, stack: str, server_id: str, mode: str, forward_to: str | None = None
+    ) -> dict[str, Any]:
+        self._call("data_set_mode", f"{server_id}:{mode}")
+        if mode == "hold":
+            return self._data_request(stack, server_id, "POST", "/admin/freeze")
+        if mode == "normal":
+            return self._data_request(stack, server_id, "POST", "/admin/unfreeze")
+        if mode == "forward":
+            if forward_to is None:
+                raise ValueError("forward needs a target")
+            url = f"http://127.0.0.1:{self._port(stack, forward_to)}"
+            return self._data_request(stack, server_id, "POST", "/admin/forward", {"url": url})
+        raise ValueError(f"unknown write mode {mode!r}")

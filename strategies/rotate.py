@@ -1,0 +1,98 @@
+"""`rotate`: surge-first replacement of the serving servers, a batch at a time.
+
+The seed's third option: "scaling up a new server, and then dropping the old one".
+At most `max_surge` new servers exist at once beyond the serving count, and at least
+`min_healthy` percent of the serving count keeps serving throughout.
+"""
+
+from __future__ import annotations
+
+import time
+
+from orchestrator.plan import Plan, Step
+from orchestrator.settings import StackConfig
+from providers.base import Provider
+from strategies.base import inspect_stack
+from strategies.steps import (
+    AddMembers,
+    CreateServers,
+    DestroyServers,
+    DrainServers,
+    RemoveMembers,
+    VerifyServers,
+    WaitRunning,
+)
+
+
+def plan_rotate(
+    provider: Provider,
+    name: str,
+    config: StackConfig,
+    *,
+    max_surge: int | None = None,
+    min_healthy: int | None = None,
+    older_than: float | None = None,
+    only_if_needed: bool = False,
+    now: float | None = None,
+) -> Plan:
+    """Compose the rotate plan. `older_than` is in seconds; `only_if_needed` also picks
+    servers whose hygiene fails (pending upgrades, reboot required) and makes an empty
+    selection a successful no-op."""
+    view = inspect_stack(provider, name, config)
+    surge = max_surge or config.defaults.max_surge
+    healthy_pct = config.defaults.min_healthy if min_healthy is None else min_healthy
+    now = time.time() if now is None else now
+    gen = view.next_generation
+    db = view.data_server
+    role = config.serving_roles[0]
+    serving = [s for s in view.role(role) if s.id in view.members]
+
+    chosen = serving
+    reasons: dict[str, str] = {}
+    if older_than is not None or only_if_needed:
+        chosen = []
+        for s in serving:
+            if older_than is not None and now - s.created_at > older_than:
+                reasons[s.id] = f"older than {older_than:.0f}s"
+            elif only_if_needed:
+                report = provider.verify_server(s, config.roles[role].health, config.hygiene)
+                if not report.passed:
+                    reasons[s.id] = "; ".join(report.reasons)
+            if s.id in reasons:
+                chosen.append(s)
+
+    steps: list[Step] = []
+    for n, start in enumerate(range(0, len(chosen), surge), start=1):
+        batch = [s.id for s in chosen[start : start + surge]]
+        create = f"CreateServers#{n}"
+        link = {"db": db.id} if db is not None else {}
+        steps += [
+            CreateServers(key=create, role=role, generation=gen, count=len(batch), **link),
+            WaitRunning(
+                key=f"WaitRunning#{n}", sources=[create], timeout=config.defaults.boot_timeout
+            ),
+            VerifyServers(key=f"VerifyServers#{n}", sources=[create]),
+            AddMembers(key=f"AddMembers#{n}", sources=[create], verified_from=f"VerifyServers#{n}"),
+            RemoveMembers(
+                key=f"RemoveMembers#{n}", ids=batch, min_healthy=healthy_pct, total=len(serving)
+            ),
+            DrainServers(key=f"DrainServers#{n}", ids=batch),
+            DestroyServers(key=f"DestroyServers#{n}", ids=batch),
+        ]
+    return Plan(
+        strategy="rotate",
+        stack=name,
+        steps=steps,
+        params={
+            "max_surge": surge,
+            "min_healthy": healthy_pct,
+            "older_than": older_than,
+            "only_if_needed": only_if_needed,
+        },
+        summary={
+            "generation_before": view.generation,
+            "generation_after": gen if steps else view.generation,
+            "members_before": sorted(view.members),
+            "selected": {s.id: reasons.get(s.id, "all serving servers") for s in chosen},
+        },
+    )

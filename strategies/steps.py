@@ -1,0 +1,451 @@
+"""The shared VerbObject steps that strategies compose into plans.
+
+Each step does one job, checks real state first (so a resumed step repeats nothing),
+and reads earlier steps' outputs by key. Steps never sleep or retry on their own: they
+raise TransientError and the engine retries them under their policy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from orchestrator import events
+from orchestrator.errors import (
+    DataMismatch,
+    GuardRefused,
+    StepFailed,
+    TransientError,
+    VerificationFailed,
+)
+from orchestrator.models import Server
+from orchestrator.plan import NO_RETRY, RetryPolicy, RunContext, Step, StepResult
+
+# How long to wait for in-flight requests on a server leaving the address.
+DRAIN_TIMEOUT = 30.0
+# Probes through the address per server behind it, when verifying a cutover.
+PROBES_PER_MEMBER = 3
+
+
+def ids_from(ctx: RunContext, params: dict[str, Any], field: str = "sources") -> list[str]:
+    """Server ids given literally (`ids`) or created by earlier steps (`sources`)."""
+    ids: list[str] = list(params.get("ids", []))
+    for key in params.get(field, []):
+        ids += ctx.output(key).get("created", [])
+    return ids
+
+
+def servers_by_id(ctx: RunContext, ids: list[str]) -> dict[str, Server]:
+    return {s.id: s for s in ctx.provider.describe_servers(ctx.stack, ids)}
+
+
+class CreateServers(Step):
+    """Create `count` servers of a role in the new generation (idempotent by key)."""
+
+    name = "CreateServers"
+    retry = RetryPolicy(attempts=6, deadline=60.0)
+
+    def _db(self, ctx: RunContext) -> dict[str, str]:
+        if self.params.get("db"):
+            return {"db": self.params["db"]}
+        if self.params.get("db_from"):
+            return {"db": ctx.output(self.params["db_from"])["created"][0]}
+        return {}
+
+    def do(self, ctx: RunContext) -> StepResult:
+        p = self.params
+        role_cfg = ctx.config.roles[p["role"]]
+        servers = ctx.provider.create_servers(
+            stack=ctx.stack,
+            role=p["role"],
+            generation=p["generation"],
+            run_id=ctx.run_id,
+            count=p["count"],
+            image=role_cfg.image,
+            size=role_cfg.size,
+            idempotency_key=f"{ctx.run_id}/{self.key}",
+            links=self._db(ctx),
+        )
+        return StepResult({"created": [s.id for s in servers]})
+
+    def undo(self, ctx: RunContext) -> StepResult:
+        p = self.params
+        mine = [
+            s.id
+            for s in ctx.provider.list_servers(ctx.stack)
+            if s.run == ctx.run_id and s.role == p["role"] and s.generation == p["generation"]
+        ]
+        mine += [i for i in ctx.output(self.key).get("created", []) if i not in mine]
+        if not mine:
+            return StepResult(noop="no servers of this step exist")
+        members = set(ctx.provider.get_members(ctx.stack, ctx.config.address))
+        if serving := members & set(mine):
+            raise GuardRefused(f"will not destroy servers the address still routes to: {serving}")
+        destroyed = ctx.provider.destroy_servers(ctx.stack, mine)
+        return StepResult({"destroyed": destroyed})
+
+
+class WaitRunning(Step):
+    """Wait until every new server is running (one batched describe per poll)."""
+
+    name = "WaitRunning"
+
+    def policy(self) -> RetryPolicy:
+        timeout = float(self.params.get("timeout", 120.0))
+        return RetryPolicy(
+            attempts=100_000, deadline=timeout, backoff_initial=0.05, backoff_max=0.5
+        )
+
+    def do(self, ctx: RunContext) -> StepResult:
+        ids = ids_from(ctx, self.params)
+        found = servers_by_id(ctx, ids)
+        dead = [i for i in ids if i not in found or found[i].state in ("stopped", "terminated")]
+        if dead:
+            raise StepFailed(f"servers died while booting: {', '.join(dead)}")
+        pending = [i for i in ids if found[i].state != "running"]
+        if pending:
+            raise TransientError(f"{len(pending)} of {len(ids)} servers still booting")
+        return StepResult({"running": ids})
+
+
+class VerifyServers(Step):
+    """The health gate: running, app health check, host hygiene. Records the facts."""
+
+    name = "VerifyServers"
+    retry = RetryPolicy(attempts=4, deadline=30.0)
+
+    def do(self, ctx: RunContext) -> StepResult:
+        ids = ids_from(ctx, self.params)
+        found = servers_by_id(ctx, ids)
+        reports = {}
+        failed = []
+        for server_id in ids:
+            server = found.get(server_id)
+            if server is None:
+                failed.append(f"{server_id}: gone")
+                continue
+            role = ctx.config.roles[server.role]
+            report = ctx.provider.verify_server(server, role.health, ctx.config.hygiene)
+            reports[server_id] = report.to_dict()
+            if not report.passed:
+                failed.append(f"{server_id}: {'; '.join(report.reasons)}")
+        if failed:
+            ctx.log.error(events.VERIFY_FAILED, failures=failed)
+            raise VerificationFailed("verification failed: " + " | ".join(failed))
+        return StepResult({"passed": ids, "reports": reports})
+
+
+class CopyData(Step):
+    """Bulk-copy the data to the new data server while the old one still takes writes."""
+
+    name = "CopyData"
+
+    def do(self, ctx: RunContext) -> StepResult:
+        src = self.params["src"]
+        dst = ctx.output(self.params["dst_from"])["created"][0]
+        after = ctx.provider.data_summary(ctx.stack, dst).max_id
+        copied = ctx.provider.data_copy(ctx.stack, src, dst, after)
+        return StepResult({"copied": copied, "dst": dst})
+
+
+class FreezeWrites(Step):
+    """Hold new writes on the old data server; returns once none is in flight."""
+
+    name = "FreezeWrites"
+
+    def do(self, ctx: RunContext) -> StepResult:
+        src = self.params["src"]
+        mode = ctx.provider.data_mode(ctx.stack, src).get("mode")
+        if mode == "hold":
+            return StepResult({"mode": "hold"}, noop="writes already frozen")
+        if mode == "forward":
+            return StepResult({"mode": "forward"}, noop="writes already switched")
+        ctx.provider.data_set_mode(ctx.stack, src, "hold")
+        return StepResult({"mode": "hold"})
+
+    def undo(self, ctx: RunContext) -> StepResult:
+        src = self.params["src"]
+        if ctx.provider.data_mode(ctx.stack, src).get("mode") != "hold":
+            return StepResult(noop="writes are not frozen")
+        ctx.provider.data_set_mode(ctx.stack, src, "normal")
+        return StepResult({"mode": "normal"})
+
+
+class SyncData(Step):
+    """Final sync under the freeze, then compare row count and checksum (I3)."""
+
+    name = "SyncData"
+
+    def do(self, ctx: RunContext) -> StepResult:
+        src = self.params["src"]
+        dst = ctx.output(self.params["dst_from"])["created"][0]
+        if ctx.provider.data_mode(ctx.stack, src).get("mode") != "hold":
+            raise GuardRefused(
+                "refusing the final sync: writes on the old data server are not frozen"
+            )
+        after = ctx.provider.data_summary(ctx.stack, dst).max_id
+        copied = ctx.provider.data_copy(ctx.stack, src, dst, after)
+        old = ctx.provider.data_summary(ctx.stack, src)
+        new = ctx.provider.data_summary(ctx.stack, dst)
+        if (old.count, old.checksum) != (new.count, new.checksum):
+            raise DataMismatch(
+                f"final sync mismatch: old has {old.count} rows ({old.checksum[:12]}), "
+                f"new has {new.count} rows ({new.checksum[:12]})"
+            )
+        ctx.log.info(events.DATA_SYNCED, rows=new.count, checksum=new.checksum[:16])
+        return StepResult({"copied": copied, "rows": new.count, "checksum": new.checksum})
+
+
+class SwitchWrites(Step):
+    """Send writes that reach the old data server on to the new one (and release held ones)."""
+
+    name = "SwitchWrites"
+
+    def do(self, ctx: RunContext) -> StepResult:
+        src = self.params["src"]
+        dst = ctx.output(self.params["dst_from"])["created"][0]
+        if ctx.provider.data_mode(ctx.stack, src).get("mode") == "forward":
+            return StepResult({"forward_to": dst}, noop="writes already forwarded")
+        ctx.provider.data_set_mode(ctx.stack, src, "forward", forward_to=dst)
+        return StepResult({"forward_to": dst})
+
+    def undo(self, ctx: RunContext) -> StepResult:
+        """Hold writes, copy back what the new side acknowledged, then write locally again."""
+        src = self.params["src"]
+        dst = ctx.output(self.params["dst_from"])["created"][0]
+        mode = ctx.provider.data_mode(ctx.stack, src).get("mode")
+        if mode == "normal":
+            return StepResult(noop="writes already local")
+        ctx.provider.data_set_mode(ctx.stack, src, "hold")
+        after = ctx.provider.data_summary(ctx.stack, src).max_id
+        copied = ctx.provider.data_copy(ctx.stack, dst, src, after)
+        ctx.provider.data_set_mode(ctx.stack, src, "normal")
+        return StepResult({"copied_back": copied})
+
+
+def _refuse(ctx: RunContext, reason: str) -> GuardRefused:
+    ctx.log.warning(events.CUTOVER_REFUSED, reason=reason)
+    return GuardRefused(f"cutover refused: {reason}")
+
+
+def _guard_verified(ctx: RunContext, targets: list[str], verified_from: str) -> None:
+    """I1: only servers whose latest verification passed, and still running, may serve."""
+    passed = set(ctx.output(verified_from).get("passed", []))
+    if missing := [t for t in targets if t not in passed]:
+        raise _refuse(ctx, f"not verified: {', '.join(missing)}")
+    found = servers_by_id(ctx, targets)
+    if down := [t for t in targets if t not in found or found[t].state != "running"]:
+        raise _refuse(ctx, f"not running: {', '.join(down)}")
+
+
+class RepointAddress(Step):
+    """Cutover: make the new, verified servers the address's members. Guarded."""
+
+    name = "RepointAddress"
+
+    def do(self, ctx: RunContext) -> StepResult:
+        targets = ids_from(ctx, self.params)
+        address = ctx.config.address
+        current = ctx.provider.get_members(ctx.stack, address)
+        if sorted(current) == sorted(targets):
+            ctx.log.info(events.CUTOVER_SKIPPED, reason="address already points at the new servers")
+            return StepResult(
+                {"members": targets}, noop="address already points at the new servers"
+            )
+        _guard_verified(ctx, targets, self.params["verified_from"])
+        ctx.provider.set_members(ctx.stack, address, targets)
+        ctx.log.info(events.CUTOVER_DONE, address=address, members=targets)
+        return StepResult({"members": targets, "previous": current})
+
+    def undo(self, ctx: RunContext) -> StepResult:
+        previous: list[str] = self.params["previous"]
+        address = ctx.config.address
+        if sorted(ctx.provider.get_members(ctx.stack, address)) == sorted(previous):
+            return StepResult(noop="address already points at the old servers")
+        ctx.provider.set_members(ctx.stack, address, previous)
+        return StepResult({"members": previous})
+
+
+class VerifyAddress(Step):
+    """Check through the address itself that the new servers answer."""
+
+    name = "VerifyAddress"
+    retry = RetryPolicy(attempts=5, deadline=20.0)
+
+    def do(self, ctx: RunContext) -> StepResult:
+        expect = set(ids_from(ctx, self.params))
+        path = ctx.config.roles[self.params["role"]].health.path
+        seen: set[str] = set()
+        for _ in range(max(4, PROBES_PER_MEMBER * len(expect))):
+            status, backend = ctx.provider.probe_address(ctx.stack, ctx.config.address, path)
+            if status != 200:
+                raise TransientError(f"through the address: HTTP {status} ({backend})")
+            if backend not in expect:
+                raise VerificationFailed(f"address answered from {backend}, not a new server")
+            seen.add(backend)
+        return StepResult({"answered_by": sorted(seen)})
+
+
+class Bake(Step):
+    """Keep checking through the address for `seconds`; a failure rolls back."""
+
+    name = "Bake"
+    retry = NO_RETRY
+
+    def do(self, ctx: RunContext) -> StepResult:
+        seconds = float(self.params["seconds"])
+        if seconds <= 0:
+            return StepResult(noop="bake time is 0")
+        expect = ids_from(ctx, self.params)
+        path = ctx.config.roles[self.params["role"]].health.path
+        interval = min(1.0, max(seconds / 5, 0.1))
+        end = ctx.clock() + seconds
+        checks = 0
+        while True:
+            checks += 1
+            status, backend = ctx.provider.probe_address(ctx.stack, ctx.config.address, path)
+            found = servers_by_id(ctx, expect)
+            down = [i for i in expect if i not in found or found[i].state != "running"]
+            ctx.log.debug(events.BAKE_CHECK, status=status, backend=backend, down=down)
+            if status != 200 or backend not in expect or down:
+                ctx.log.error(events.BAKE_FAILED, status=status, backend=backend, down=down)
+                raise VerificationFailed(
+                    f"bake failed after {checks} checks: HTTP {status} from {backend}"
+                    + (f"; servers down: {', '.join(down)}" if down else "")
+                )
+            if ctx.clock() >= end:
+                return StepResult({"checks": checks})
+            ctx.wait(min(interval, max(end - ctx.clock(), 0)))
+
+
+class RemoveMembers(Step):
+    """Take servers out of the address, keeping at least min-healthy percent serving."""
+
+    name = "RemoveMembers"
+
+    def do(self, ctx: RunContext) -> StepResult:
+        ids = set(ids_from(ctx, self.params))
+        address = ctx.config.address
+        current = ctx.provider.get_members(ctx.stack, address)
+        if not ids & set(current):
+            return StepResult({"removed": []}, noop="servers already out of the address")
+        remaining = [m for m in current if m not in ids]
+        found = servers_by_id(ctx, remaining)
+        healthy = sum(1 for m in remaining if m in found and found[m].state == "running")
+        need = math.ceil(self.params["min_healthy"] * self.params["total"] / 100)
+        if healthy < max(need, 1):
+            raise GuardRefused(
+                f"removing {len(ids)} would leave {healthy} healthy of {self.params['total']}, "
+                f"below min-healthy {self.params['min_healthy']}%"
+            )
+        ctx.provider.set_members(ctx.stack, address, remaining)
+        return StepResult({"removed": sorted(ids & set(current)), "members": remaining})
+
+    def undo(self, ctx: RunContext) -> StepResult:
+        ids = ids_from(ctx, self.params)
+        address = ctx.config.address
+        current = ctx.provider.get_members(ctx.stack, address)
+        found = servers_by_id(ctx, ids)
+        back = [i for i in ids if i not in current and i in found and found[i].state == "running"]
+        if not back:
+            return StepResult(noop="nothing to put back")
+        ctx.provider.set_members(ctx.stack, address, current + back)
+        return StepResult({"added": back})
+
+
+class AddMembers(Step):
+    """Put new, verified servers behind the address next to the old ones. Guarded."""
+
+    name = "AddMembers"
+
+    def do(self, ctx: RunContext) -> StepResult:
+        ids = ids_from(ctx, self.params)
+        address = ctx.config.address
+        current = ctx.provider.get_members(ctx.stack, address)
+        new = [i for i in ids if i not in current]
+        if not new:
+            return StepResult({"added": []}, noop="servers already behind the address")
+        _guard_verified(ctx, new, self.params["verified_from"])
+        ctx.provider.set_members(ctx.stack, address, current + new)
+        return StepResult({"added": new})
+
+    def undo(self, ctx: RunContext) -> StepResult:
+        ids = set(ids_from(ctx, self.params))
+        address = ctx.config.address
+        current = ctx.provider.get_members(ctx.stack, address)
+        if not ids & set(current):
+            return StepResult(noop="servers already out of the address")
+        ctx.provider.set_members(ctx.stack, address, [m for m in current if m not in ids])
+        _drain(ctx, sorted(ids))
+        return StepResult({"removed": sorted(ids)})
+
+
+def _drain(ctx: RunContext, ids: list[str]) -> None:
+    end = ctx.clock() + DRAIN_TIMEOUT
+    while True:
+        inflight = ctx.provider.inflight(ctx.stack, ctx.config.address)
+        busy = {i: n for i in ids if (n := inflight.get(i, 0)) > 0}
+        if not busy:
+            return
+        if ctx.clock() >= end:
+            raise StepFailed(f"servers did not drain within {DRAIN_TIMEOUT:.0f}s: {busy}")
+        ctx.log.debug(events.DRAIN_WAIT, busy=busy)
+        ctx.wait(0.05)
+
+
+class DrainServers(Step):
+    """Wait until requests in flight to servers that left the address have finished."""
+
+    name = "DrainServers"
+
+    def do(self, ctx: RunContext) -> StepResult:
+        ids = ids_from(ctx, self.params)
+        members = set(ctx.provider.get_members(ctx.stack, ctx.config.address))
+        if serving := members & set(ids):
+            raise GuardRefused(f"cannot drain servers still behind the address: {serving}")
+        _drain(ctx, ids)
+        return StepResult({"drained": ids})
+
+
+class DestroyServers(Step):
+    """Destroy servers that no longer serve. Irreversible: rollback stops here (I2)."""
+
+    name = "DestroyServers"
+    irreversible = True
+
+    def do(self, ctx: RunContext) -> StepResult:
+        ids = ids_from(ctx, self.params)
+        members = set(ctx.provider.get_members(ctx.stack, ctx.config.address))
+        if serving := members & set(ids):
+            raise GuardRefused(f"will not destroy servers the address still routes to: {serving}")
+        for server_id in self.params.get("data_ids", []):
+            mode = ctx.provider.data_mode(ctx.stack, server_id)
+            if int(mode.get("inflight", 0)) > 0:
+                raise TransientError(f"data server {server_id} still has writes in flight")
+        destroyed = ctx.provider.destroy_servers(ctx.stack, ids)
+        if not destroyed:
+            return StepResult({"destroyed": []}, noop="servers already destroyed")
+        return StepResult({"destroyed": destroyed})
+
+
+class RetireServers(Step):
+    """After `retain` seconds, drain and destroy the old generation. Irreversible."""
+
+    name = "RetireServers"
+    irreversible = True
+    retry = RetryPolicy(attempts=20, deadline=60.0)
+
+    def do(self, ctx: RunContext) -> StepResult:
+        ids = ids_from(ctx, self.params)
+        alive = [
+            s.id for s in ctx.provider.describe_servers(ctx.stack, ids) if s.state != "terminated"
+        ]
+        if not alive:
+            return StepResult({"destroyed": []}, noop="old generation already gone")
+        members = set(ctx.provider.get_members(ctx.stack, ctx.config.address))
+        if serving := members & set(ids):
+            raise GuardRefused(f"will not retire servers the address still routes to: {serving}")
+        ctx.wait(float(self.params.get("retain", 0)))
+        _drain(ctx, alive)
+        destroy = DestroyServers(key=self.key, ids=alive, data_ids=self.params.get("data_ids", []))
+        return destroy.do(ctx)
