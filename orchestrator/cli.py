@@ -215,30 +215,33 @@ def _execute(settings: Settings, name: str, build: Any, yes: bool, dry_run: bool
 
     config = settings.stack(name)
     provider = make_provider(settings, name, config)
-    plan = build(provider, name, config)
-    if dry_run:
-        _print_plan(settings, plan)
-        return 0
-    if not plan.steps:
-        _print_result(
-            settings,
-            RunResult(
-                None,
-                Outcome.NOOP,
-                f"{plan.strategy} {name}: nothing to do",
-                {
-                    "outcome": "noop",
-                    "strategy": plan.strategy,
-                    "stack": name,
-                    "message": "nothing to do",
-                    "selected": plan.summary.get("selected", {}),
-                },
-            ),
-        )
-        return 0
-    _confirm(settings, plan, yes)
     engine = _engine(settings, provider, config)
     try:
+        if not dry_run:
+            # A busy stack answers "locked" (4) before its servers are even inspected.
+            engine.ensure_free(name)
+        plan = build(provider, name, config)
+        if dry_run:
+            _print_plan(settings, plan)
+            return 0
+        if not plan.steps:
+            _print_result(
+                settings,
+                RunResult(
+                    None,
+                    Outcome.NOOP,
+                    f"{plan.strategy} {name}: nothing to do",
+                    {
+                        "outcome": "noop",
+                        "strategy": plan.strategy,
+                        "stack": name,
+                        "message": "nothing to do",
+                        "selected": plan.summary.get("selected", {}),
+                    },
+                ),
+            )
+            return 0
+        _confirm(settings, plan, yes)
         result = engine.start(plan)
     finally:
         engine.close()
@@ -378,9 +381,7 @@ def rotate(
     ctx: typer.Context,
     stack: str,
     max_surge: Annotated[int | None, typer.Option(min=1, help="new servers at a time")] = None,
-    min_healthy: Annotated[
-        int | None, typer.Option(min=0, max=100, help="percent serving")
-    ] = None,
+    min_healthy: Annotated[int | None, typer.Option(min=0, max=100, help="percent serving")] = None,
     older_than: Annotated[
         str | None, typer.Option(help="only servers older than (30d, 12h)")
     ] = None,
@@ -458,7 +459,7 @@ def status(ctx: typer.Context, run_id: Annotated[str | None, typer.Argument()] =
     try:
         if run_id is None:
             runs = journal.runs(limit=20)
-            data = {
+            listing = {
                 "runs": [
                     {
                         "id": r.id,

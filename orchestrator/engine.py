@@ -25,7 +25,7 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_random_exponential,
 )
 
 from orchestrator import events
@@ -96,6 +96,14 @@ class Engine:
         self.conn.close()
 
     # --- entry points ------------------------------------------------------------------
+    def ensure_free(self, stack: str) -> None:
+        """Raise LockedError if a live lease or an unfinished run holds the stack."""
+        row = self.lock.holder(stack)
+        if row is not None and row["expires_at"] > self.clock():
+            raise LockedError(stack, row["run_id"], row["expires_at"] - self.clock())
+        for other in self.journal.unfinished(stack):
+            raise LockedError(stack, other.id, self._lease_left(stack))
+
     def start(self, plan: Plan, run_id: str | None = None) -> RunResult:
         """Start a new run of `plan`. Raises LockedError if the stack is busy."""
         run_id = run_id or new_run_id()
@@ -115,13 +123,14 @@ class Engine:
         plan = Plan.from_dict(rec.plan)
         lease = self.lock.acquire(rec.stack, rec.id)
         get_logger(run=rec.id).info(events.RUN_RESUMED, status=rec.status, token=lease.token)
-        if rec.status == "rolling_back":
+        if rec.status in ("rolling_back", "dirty"):
+            # A run that began undoing only ever goes on undoing.
             return self._rollback(rec.id, plan, lease, cause="resumed an interrupted rollback")
         return self._drive(rec.id, plan, lease)
 
     def rollback(self, run_id: str) -> RunResult:
         """Undo an unfinished run: back to the last irreversible step."""
-        rec = self._unfinished(run_id, "roll back")
+        rec = self._unfinished(run_id, "roll back", also=("dirty",))
         plan = Plan.from_dict(rec.plan)
         records = self.journal.steps(rec.id)
         if all(r.state == "done" for r in records):
@@ -133,11 +142,11 @@ class Engine:
         return self._rollback(rec.id, plan, lease, cause="rollback requested by operator")
 
     # --- driving -----------------------------------------------------------------------
-    def _unfinished(self, run_id: str, verb: str) -> RunRecord:
+    def _unfinished(self, run_id: str, verb: str, also: tuple[str, ...] = ()) -> RunRecord:
         rec = self.journal.get_run(run_id) or self.journal.find_run(run_id)
         if rec is None:
             raise PreconditionFailed(f"no run {run_id!r} in the journal")
-        if rec.finished:
+        if rec.finished and rec.status not in also:
             raise PreconditionFailed(
                 f"cannot {verb} run {rec.id}: it already ended ({rec.outcome or rec.status})"
             )
@@ -181,7 +190,7 @@ class Engine:
 
         retrying = Retrying(
             stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.deadline),
-            wait=wait_exponential_jitter(initial=policy.backoff_initial, max=policy.backoff_max),
+            wait=wait_random_exponential(multiplier=policy.backoff_initial, max=policy.backoff_max),
             retry=retry_if_exception_type(policy.transient),
             sleep=self.sleep,
             before_sleep=before_sleep,

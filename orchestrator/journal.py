@@ -15,7 +15,8 @@ from typing import Any
 
 from orchestrator.lock import Lease, LeaseLock
 
-UNFINISHED = ("running", "rolling_back", "interrupted")
+# A dirty run still holds its stack: an operator fixes the cause and rolls it back again.
+UNFINISHED = ("running", "rolling_back", "dirty")
 
 
 @dataclass

@@ -11,6 +11,8 @@ TAG_STACK = "changeover:stack"
 TAG_ROLE = "changeover:role"
 TAG_GENERATION = "changeover:generation"
 TAG_RUN = "changeover:run"
+# The idempotency key a server was created under (EC2's ClientToken plays this part).
+TAG_TOKEN = "changeover:token"
 
 ServerState = Literal["pending", "running", "stopped", "terminated"]
 

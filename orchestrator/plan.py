@@ -8,6 +8,7 @@ Each step is idempotent: it checks real state first, then acts or records a no-o
 from __future__ import annotations
 
 import enum
+import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -92,6 +93,8 @@ class RunContext:
 
 
 STEP_TYPES: dict[str, type[Step]] = {}
+# Modules whose Step subclasses a journaled plan may name; imported on demand to rebuild one.
+STEP_MODULES = ("strategies.steps",)
 
 
 class Step:
@@ -136,6 +139,8 @@ class Step:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Step:
+        for module in STEP_MODULES:
+            importlib.import_module(module)
         cls = STEP_TYPES[d["name"]]
         return cls(key=d["key"], **d["params"])
 

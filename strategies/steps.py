@@ -18,7 +18,7 @@ from orchestrator.errors import (
     TransientError,
     VerificationFailed,
 )
-from orchestrator.models import Server
+from orchestrator.models import TAG_TOKEN, Server
 from orchestrator.plan import NO_RETRY, RetryPolicy, RunContext, Step, StepResult
 
 # How long to wait for in-flight requests on a server leaving the address.
@@ -45,6 +45,9 @@ class CreateServers(Step):
     name = "CreateServers"
     retry = RetryPolicy(attempts=6, deadline=60.0)
 
+    def _token(self, ctx: RunContext) -> str:
+        return f"{ctx.run_id}/{self.key}"
+
     def _db(self, ctx: RunContext) -> dict[str, str]:
         if self.params.get("db"):
             return {"db": self.params["db"]}
@@ -63,17 +66,15 @@ class CreateServers(Step):
             count=p["count"],
             image=role_cfg.image,
             size=role_cfg.size,
-            idempotency_key=f"{ctx.run_id}/{self.key}",
+            idempotency_key=self._token(ctx),
             links=self._db(ctx),
         )
         return StepResult({"created": [s.id for s in servers]})
 
     def undo(self, ctx: RunContext) -> StepResult:
-        p = self.params
+        token = self._token(ctx)
         mine = [
-            s.id
-            for s in ctx.provider.list_servers(ctx.stack)
-            if s.run == ctx.run_id and s.role == p["role"] and s.generation == p["generation"]
+            s.id for s in ctx.provider.list_servers(ctx.stack) if s.tags.get(TAG_TOKEN) == token
         ]
         mine += [i for i in ctx.output(self.key).get("created", []) if i not in mine]
         if not mine:

@@ -30,6 +30,7 @@ from orchestrator.models import (
     TAG_ROLE,
     TAG_RUN,
     TAG_STACK,
+    TAG_TOKEN,
     Server,
     ServerState,
 )
@@ -248,6 +249,7 @@ class LocalCloud:
                 TAG_ROLE: row["role"],
                 TAG_GENERATION: str(row["generation"]),
                 TAG_RUN: row["run"],
+                TAG_TOKEN: row["idem_key"] or "",
             },
         )
 

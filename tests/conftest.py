@@ -1,0 +1,49 @@
+"""Shared fixtures: throwaway local-cloud worlds that are always torn down."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.rehearse import World
+from orchestrator.settings import DEMO_STACK
+
+# Short bake and retain keep end-to-end tests quick; the logic is the same at any length.
+FAST = {"bake": 0.3, "retain": 0.0, "max_surge": 1, "min_healthy": 100}
+
+
+def demo_stack(**overrides: Any) -> dict[str, Any]:
+    stack: dict[str, Any] = json.loads(json.dumps(DEMO_STACK))
+    stack["defaults"].update(FAST)
+    for key, value in overrides.items():
+        stack[key] = value
+    return stack
+
+
+@pytest.fixture
+def make_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., World]]:
+    """Build worlds on demand; every process they started is stopped at teardown."""
+    worlds: list[World] = []
+
+    def make(up: bool = True, **stack_overrides: Any) -> World:
+        w = World(
+            Path(tmp_path_factory.mktemp("world")), stack_config=demo_stack(**stack_overrides)
+        )
+        worlds.append(w)
+        if up:
+            w.up()
+        return w
+
+    yield make
+    for w in worlds:
+        w.down()
+
+
+@pytest.fixture
+def world(make_world: Callable[..., World]) -> World:
+    """The demo stack (1 db + 2 web, generation 1) on a fresh local cloud."""
+    return make_world()
