@@ -307,6 +307,12 @@ class LoadGenerator:
         self.stop()
 
     @property
+    def sent_so_far(self) -> int:
+        """Requests completed so far, while the generator runs."""
+        with self._lock:
+            return len(self._samples)
+
+    @property
     def result(self) -> LoadResult | None:
         """The result once :meth:`stop` has run, else None."""
         return self._result

@@ -319,6 +319,12 @@ def _run(world: World, sc: Scenario) -> dict[str, Any]:
                 load_result.failed <= exp["failed_requests"],
                 f"{load_result.failed} of {load_result.sent} ({dict(load_result.errors)})",
             )
+        if "min_rate" in exp:
+            check(
+                "request rate",
+                load_result.rate >= exp["min_rate"],
+                f"{load_result.rate:.0f} req/s over {load_result.duration:.1f}s",
+            )
         if "writes_lost" in exp:
             check(
                 "acknowledged writes lost",
