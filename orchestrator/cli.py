@@ -154,9 +154,22 @@ def _progress_sink() -> Any:
     return sink
 
 
-def _emit(settings: Settings, data: dict[str, Any], text: str) -> None:
+Table = tuple[str, list[str], list[list[Any]]]  # title, columns, rows
+
+
+def _emit(settings: Settings, data: dict[str, Any], text: str, table: Table | None = None) -> None:
+    """JSON with --output json; a rich table on a terminal; plain text otherwise."""
     if settings.output == "json":
         sys.stdout.write(json.dumps(data, default=str) + "\n")
+    elif table is not None and sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table as RichTable
+
+        title, columns, rows = table
+        t = RichTable(*columns, title=title, title_justify="left")
+        for row in rows:
+            t.add_row(*("" if v is None else str(v) for v in row))
+        Console().print(t)
     else:
         sys.stdout.write(text.rstrip("\n") + "\n")
 
@@ -168,12 +181,17 @@ def _print_plan(settings: Settings, plan: Plan) -> None:
     lines += [f"  {i + 1:>2}. {s.describe()}" for i, s in enumerate(plan.steps)]
     if not plan.steps:
         lines.append("  nothing to do")
-    _emit(settings, {"plan": plan.to_dict()}, "\n".join(lines))
+    table = (
+        f"plan: {plan.strategy} {plan.stack}",
+        ["#", "step", "parameters"],
+        [[i + 1, st.key, st.describe().removeprefix(st.key)] for i, st in enumerate(plan.steps)],
+    )
+    _emit(settings, {"plan": plan.to_dict()}, "\n".join(lines), table)
 
 
 def _print_result(settings: Settings, result: RunResult) -> None:
     s = result.summary
-    if settings.output == "json" or not s:
+    if settings.output == "json" or "run_id" not in s:
         _emit(
             settings,
             s or {"outcome": result.outcome.value, "message": result.message},
@@ -194,7 +212,16 @@ def _print_result(settings: Settings, result: RunResult) -> None:
     if "resources" in s:
         lines.append("  resources now:")
         lines.append("    " + json.dumps(s["resources"], indent=2).replace("\n", "\n    "))
-    _emit(settings, s, "\n".join(lines))
+    table = (
+        lines[0],
+        ["", ""],
+        [
+            [ln.split(":", 1)[0].strip(), ln.split(":", 1)[1].strip()]
+            for ln in lines[1:]
+            if ":" in ln
+        ],
+    )
+    _emit(settings, s, "\n".join(lines), table)
 
 
 def _confirm(settings: Settings, plan: Plan, yes: bool) -> None:
@@ -297,7 +324,25 @@ def stacks(ctx: typer.Context) -> None:
             f"last={last['id'] + ' ' + last['strategy'] + ' ' + last['status'] if last else '-'}"
             + (f"  ({r['error']})" if r.get("error") else "")
         )
-    _emit(settings, {"stacks": rows}, "\n".join(text) or "no stacks configured")
+    table = (
+        "stacks",
+        ["stack", "provider", "generation", "servers", "address", "holder", "last run"],
+        [
+            [
+                r["stack"],
+                r["provider"],
+                r["generation"],
+                r["servers"],
+                r["address"],
+                ", ".join(r["holder"]) or r.get("error", "-"),
+                f"{r['last_run']['id']} {r['last_run']['strategy']} {r['last_run']['status']}"
+                if r["last_run"]
+                else "-",
+            ]
+            for r in rows
+        ],
+    )
+    _emit(settings, {"stacks": rows}, "\n".join(text) or "no stacks configured", table)
 
 
 StrategyArg = Annotated[str, typer.Argument(help="rebuild | rotate", metavar="STRATEGY")]
@@ -476,7 +521,12 @@ def status(ctx: typer.Context, run_id: Annotated[str | None, typer.Argument()] =
                 "\n".join(f"{r.id}  {r.strategy:<8} {r.stack:<12} {r.status}" for r in runs)
                 or "no runs yet"
             )
-            _emit(settings, listing, text)
+            runs_table: Table = (
+                "runs",
+                ["run", "strategy", "stack", "status"],
+                [[r.id, r.strategy, r.stack, r.status] for r in runs],
+            )
+            _emit(settings, listing, text, runs_table)
             return
         rec = journal.get_run(run_id) or journal.find_run(run_id)
         if rec is None:
@@ -529,7 +579,23 @@ def status(ctx: typer.Context, run_id: Annotated[str | None, typer.Argument()] =
         lines.append("  resources: " + json.dumps(rec.result["resources"]))
     if advice:
         lines.append(f"  next: {advice}")
-    _emit(settings, data, "\n".join(lines))
+    table: Table = (
+        f"{lines[0]}" + (f"\nnext: {advice}" if advice else ""),
+        ["#", "step", "state", "attempts", "seconds", "undo", "note"],
+        [
+            [
+                st.idx + 1,
+                st.key,
+                st.state,
+                st.attempts,
+                st.seconds,
+                st.undo_state,
+                st.error or st.undo_error or st.noop or "",
+            ]
+            for st in steps
+        ],
+    )
+    _emit(settings, data, "\n".join(lines), table)
 
 
 @app.command()

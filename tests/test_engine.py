@@ -17,6 +17,7 @@ from orchestrator.journal import Journal
 from orchestrator.lock import LeaseLock
 from orchestrator.plan import Outcome
 from orchestrator.rehearse import World
+from providers.local.daemon import kill_pid
 from providers.local.provider import LocalProvider
 from strategies.rebuild import plan_rebuild
 from tests.invariants import check_call_order, check_serving_only
@@ -155,3 +156,16 @@ def test_expired_lease_can_be_taken(make_world: Callable[..., World]) -> None:
     now[0] += 6
     assert lock.acquire("demo", "run-b").run_id == "run-b"
     conn.close()
+
+
+def test_dead_address_proxy_comes_back_on_its_port_with_its_members(world: World) -> None:
+    """The local cloud restarts a dead address proxy on first use, same port and holder."""
+    port, members = world.address_port, world.members()
+    info = world.cloud.address("demo", "demo-eip")
+    assert info is not None
+    kill_pid(info.pid)
+    assert world.cloud.address("demo", "demo-eip") is None
+    provider = LocalProvider(world.cloud)
+    assert provider.get_members("demo", "demo-eip") == members
+    assert world.address_port == port
+    assert provider.probe_address("demo", "demo-eip", "/health")[0] == 200

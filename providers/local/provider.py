@@ -180,6 +180,10 @@ class LocalProvider:
     # --- address ----------------------------------------------------------------------
     def _address(self, stack: str, address: str) -> Any:
         info = self.cloud.address(stack, address)
+        if info is None and self.cloud.address_row(stack, address) is not None:
+            # The proxy died or the machine restarted: bring it back on its stable port,
+            # with its persisted members (first use starts what the local cloud needs).
+            info = self.cloud.ensure_address(stack, address)
         if info is None:
             raise PreconditionFailed(
                 f"address {address!r} of stack {stack!r} is not running; `changeover local up`"
