@@ -20,8 +20,12 @@ MUTATING_OPS = frozenset(
         "create_servers",
         "destroy_servers",
         "set_members",
-        "data_copy",
-        "data_set_mode",
+        "data_copy_live",
+        "data_freeze",
+        "data_unfreeze",
+        "data_final_sync",
+        "data_switch",
+        "data_switch_back",
     }
 )
 
@@ -77,17 +81,30 @@ class Provider(Protocol):
     def probe_address(self, stack: str, address: str, path: str) -> tuple[int, str | None]:
         """One request through the address: (status, id of the server that answered)."""
 
-    # --- data --------------------------------------------------------------------------
-    def data_summary(self, stack: str, server_id: str) -> DataSummary:
-        """Count, highest id and checksum of the server's data."""
-
-    def data_copy(self, stack: str, src_id: str, dst_id: str, after_id: int) -> int:
-        """Copy rows with id > after_id from src to dst; return rows copied."""
-
+    # --- data ----------------------------------------------------------------------------
+    # The data role's store moves in phases; each provider maps them onto what it has
+    # (rows copied between db servers locally; EBS snapshots and volumes on AWS).
+    # `data_mode` is what the steps check first, so every phase is idempotent.
     def data_mode(self, stack: str, server_id: str) -> dict[str, Any]:
-        """The write mode of a data server: normal, hold (frozen) or forward."""
+        """{"mode": "normal" | "frozen" | "switched", "inflight": writes in flight}."""
 
-    def data_set_mode(
-        self, stack: str, server_id: str, mode: str, forward_to: str | None = None
-    ) -> dict[str, Any]:
-        """Set the write mode. 'hold' returns once no write is in flight."""
+    def data_copy_live(self, stack: str, src_id: str, dst_id: str) -> dict[str, Any]:
+        """Copy while the source still takes writes, so the final sync is short."""
+
+    def data_freeze(self, stack: str, src_id: str) -> dict[str, Any]:
+        """Stop new writes from landing on the source; return once none is in flight.
+        Writes that arrive meanwhile must be held, not refused."""
+
+    def data_unfreeze(self, stack: str, src_id: str) -> dict[str, Any]:
+        """Let the source take writes itself again."""
+
+    def data_final_sync(self, stack: str, src_id: str, dst_id: str) -> DataSummary:
+        """Under the freeze: bring the destination level with the source and check it
+        (count and checksum). Raises DataMismatch if they differ (I3)."""
+
+    def data_switch(self, stack: str, src_id: str, dst_id: str) -> dict[str, Any]:
+        """From now on writes reaching the source land on the destination."""
+
+    def data_switch_back(self, stack: str, src_id: str, dst_id: str) -> dict[str, Any]:
+        """Undo data_switch: bring back to the source every write the destination
+        acknowledged, then let the source take writes itself again."""

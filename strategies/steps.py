@@ -12,7 +12,6 @@ from typing import Any
 
 from orchestrator import events
 from orchestrator.errors import (
-    DataMismatch,
     GuardRefused,
     StepFailed,
     TransientError,
@@ -137,16 +136,14 @@ class VerifyServers(Step):
 
 
 class CopyData(Step):
-    """Bulk-copy the data to the new data server while the old one still takes writes."""
+    """Copy the data to the new data server while the old one still takes writes."""
 
     name = "CopyData"
 
     def do(self, ctx: RunContext) -> StepResult:
-        src = self.params["src"]
         dst = ctx.output(self.params["dst_from"])["created"][0]
-        after = ctx.provider.data_summary(ctx.stack, dst).max_id
-        copied = ctx.provider.data_copy(ctx.stack, src, dst, after)
-        return StepResult({"copied": copied, "dst": dst})
+        out = ctx.provider.data_copy_live(ctx.stack, self.params["src"], dst)
+        return StepResult({**out, "dst": dst})
 
 
 class FreezeWrites(Step):
@@ -157,44 +154,34 @@ class FreezeWrites(Step):
     def do(self, ctx: RunContext) -> StepResult:
         src = self.params["src"]
         mode = ctx.provider.data_mode(ctx.stack, src).get("mode")
-        if mode == "hold":
-            return StepResult({"mode": "hold"}, noop="writes already frozen")
-        if mode == "forward":
-            return StepResult({"mode": "forward"}, noop="writes already switched")
-        ctx.provider.data_set_mode(ctx.stack, src, "hold")
-        return StepResult({"mode": "hold"})
+        if mode != "normal":
+            return StepResult({"mode": mode}, noop=f"writes already {mode}")
+        ctx.provider.data_freeze(ctx.stack, src)
+        return StepResult({"mode": "frozen"})
 
     def undo(self, ctx: RunContext) -> StepResult:
         src = self.params["src"]
-        if ctx.provider.data_mode(ctx.stack, src).get("mode") != "hold":
+        if ctx.provider.data_mode(ctx.stack, src).get("mode") != "frozen":
             return StepResult(noop="writes are not frozen")
-        ctx.provider.data_set_mode(ctx.stack, src, "normal")
+        ctx.provider.data_unfreeze(ctx.stack, src)
         return StepResult({"mode": "normal"})
 
 
 class SyncData(Step):
-    """Final sync under the freeze, then compare row count and checksum (I3)."""
+    """Final sync under the freeze, checked by row count and checksum (I3)."""
 
     name = "SyncData"
 
     def do(self, ctx: RunContext) -> StepResult:
         src = self.params["src"]
         dst = ctx.output(self.params["dst_from"])["created"][0]
-        if ctx.provider.data_mode(ctx.stack, src).get("mode") != "hold":
+        if ctx.provider.data_mode(ctx.stack, src).get("mode") != "frozen":
             raise GuardRefused(
                 "refusing the final sync: writes on the old data server are not frozen"
             )
-        after = ctx.provider.data_summary(ctx.stack, dst).max_id
-        copied = ctx.provider.data_copy(ctx.stack, src, dst, after)
-        old = ctx.provider.data_summary(ctx.stack, src)
-        new = ctx.provider.data_summary(ctx.stack, dst)
-        if (old.count, old.checksum) != (new.count, new.checksum):
-            raise DataMismatch(
-                f"final sync mismatch: old has {old.count} rows ({old.checksum[:12]}), "
-                f"new has {new.count} rows ({new.checksum[:12]})"
-            )
-        ctx.log.info(events.DATA_SYNCED, rows=new.count, checksum=new.checksum[:16])
-        return StepResult({"copied": copied, "rows": new.count, "checksum": new.checksum})
+        summary = ctx.provider.data_final_sync(ctx.stack, src, dst)
+        ctx.log.info(events.DATA_SYNCED, rows=summary.count, checksum=summary.checksum[:16])
+        return StepResult({"rows": summary.count, "checksum": summary.checksum})
 
 
 class SwitchWrites(Step):
@@ -205,23 +192,18 @@ class SwitchWrites(Step):
     def do(self, ctx: RunContext) -> StepResult:
         src = self.params["src"]
         dst = ctx.output(self.params["dst_from"])["created"][0]
-        if ctx.provider.data_mode(ctx.stack, src).get("mode") == "forward":
-            return StepResult({"forward_to": dst}, noop="writes already forwarded")
-        ctx.provider.data_set_mode(ctx.stack, src, "forward", forward_to=dst)
-        return StepResult({"forward_to": dst})
+        if ctx.provider.data_mode(ctx.stack, src).get("mode") == "switched":
+            return StepResult({"switched_to": dst}, noop="writes already switched")
+        ctx.provider.data_switch(ctx.stack, src, dst)
+        return StepResult({"switched_to": dst})
 
     def undo(self, ctx: RunContext) -> StepResult:
-        """Hold writes, copy back what the new side acknowledged, then write locally again."""
+        """Copy back what the new side acknowledged, then write locally again."""
         src = self.params["src"]
         dst = ctx.output(self.params["dst_from"])["created"][0]
-        mode = ctx.provider.data_mode(ctx.stack, src).get("mode")
-        if mode == "normal":
+        if ctx.provider.data_mode(ctx.stack, src).get("mode") == "normal":
             return StepResult(noop="writes already local")
-        ctx.provider.data_set_mode(ctx.stack, src, "hold")
-        after = ctx.provider.data_summary(ctx.stack, src).max_id
-        copied = ctx.provider.data_copy(ctx.stack, dst, src, after)
-        ctx.provider.data_set_mode(ctx.stack, src, "normal")
-        return StepResult({"copied_back": copied})
+        return StepResult(ctx.provider.data_switch_back(ctx.stack, src, dst))
 
 
 def _refuse(ctx: RunContext, reason: str) -> GuardRefused:

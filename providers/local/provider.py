@@ -15,6 +15,7 @@ from typing import Any
 from orchestrator.errors import (
     CapabilityError,
     ChangeoverError,
+    DataMismatch,
     PreconditionFailed,
     StepFailed,
     TransientError,
@@ -246,10 +247,10 @@ class LocalProvider:
         d = self._data_request(stack, server_id, "GET", "/db/summary")
         return DataSummary(int(d["count"]), int(d["max_id"] or 0), str(d["checksum"]))
 
-    def data_copy(self, stack: str, src_id: str, dst_id: str, after_id: int) -> int:
-        self._call("data_copy", f"{src_id}->{dst_id}>{after_id}")
+    def _copy(self, stack: str, src_id: str, dst_id: str) -> int:
+        """Copy rows the destination does not have yet (by id), a page at a time."""
+        cursor = self.data_summary(stack, dst_id).max_id
         copied = 0
-        cursor = after_id
         while True:
             rows = self._data_request(
                 stack, src_id, "GET", f"/db/dump?after={cursor}&limit={COPY_PAGE}"
@@ -262,19 +263,47 @@ class LocalProvider:
 
     def data_mode(self, stack: str, server_id: str) -> dict[str, Any]:
         self._call("data_mode", server_id)
-        return self._data_request(stack, server_id, "GET", "/admin/mode")
+        d = self._data_request(stack, server_id, "GET", "/admin/mode")
+        d["mode"] = _MODES.get(d.get("mode", ""), d.get("mode"))
+        return d
 
-    def data_set_mode(
-        self, stack: str, server_id: str, mode: str, forward_to: str | None = None
-    ) -> dict[str, Any]:
-        self._call("data_set_mode", f"{server_id}:{mode}")
-        if mode == "hold":
-            return self._data_request(stack, server_id, "POST", "/admin/freeze")
-        if mode == "normal":
-            return self._data_request(stack, server_id, "POST", "/admin/unfreeze")
-        if mode == "forward":
-            if forward_to is None:
-                raise ValueError("forward needs a target")
-            url = f"http://127.0.0.1:{self._port(stack, forward_to)}"
-            return self._data_request(stack, server_id, "POST", "/admin/forward", {"url": url})
-        raise ValueError(f"unknown write mode {mode!r}")
+    def data_copy_live(self, stack: str, src_id: str, dst_id: str) -> dict[str, Any]:
+        self._call("data_copy_live", f"{src_id}->{dst_id}")
+        return {"copied": self._copy(stack, src_id, dst_id)}
+
+    def data_freeze(self, stack: str, src_id: str) -> dict[str, Any]:
+        self._call("data_freeze", src_id)
+        return self._data_request(stack, src_id, "POST", "/admin/freeze")
+
+    def data_unfreeze(self, stack: str, src_id: str) -> dict[str, Any]:
+        self._call("data_unfreeze", src_id)
+        return self._data_request(stack, src_id, "POST", "/admin/unfreeze")
+
+    def data_final_sync(self, stack: str, src_id: str, dst_id: str) -> DataSummary:
+        self._call("data_final_sync", f"{src_id}->{dst_id}")
+        self._copy(stack, src_id, dst_id)
+        old = self.data_summary(stack, src_id)
+        new = self.data_summary(stack, dst_id)
+        if (old.count, old.checksum) != (new.count, new.checksum):
+            raise DataMismatch(
+                f"final sync mismatch: old has {old.count} rows ({old.checksum[:12]}), "
+                f"new has {new.count} rows ({new.checksum[:12]})"
+            )
+        return new
+
+    def data_switch(self, stack: str, src_id: str, dst_id: str) -> dict[str, Any]:
+        self._call("data_switch", f"{src_id}->{dst_id}")
+        url = f"http://127.0.0.1:{self._port(stack, dst_id)}"
+        return self._data_request(stack, src_id, "POST", "/admin/forward", {"url": url})
+
+    def data_switch_back(self, stack: str, src_id: str, dst_id: str) -> dict[str, Any]:
+        self._call("data_switch_back", f"{src_id}<-{dst_id}")
+        # Hold first, so no forwarded write is in flight while we copy back.
+        self._data_request(stack, src_id, "POST", "/admin/freeze")
+        copied = self._copy(stack, dst_id, src_id)
+        self._data_request(stack, src_id, "POST", "/admin/unfreeze")
+        return {"copied_back": copied}
+
+
+# The demo db's own words for its write modes, in the Protocol's terms.
+_MODES = {"hold": "frozen", "forward": "switched", "normal": "normal"}
