@@ -1,0 +1,76 @@
+"""The provider contract suite's environments: one per provider, same tests for all.
+
+An environment gives a provider, a stack config with one serving role and an address,
+and an out-of-band way to make and inspect a server the stack does not own (I7).
+Adding a provider to the suite means adding one environment here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from orchestrator.rehearse import World
+from orchestrator.settings import StackConfig
+from providers.base import Provider
+from providers.local.provider import LocalProvider
+
+
+@dataclass
+class ContractEnv:
+    """What a contract test needs from one provider."""
+
+    name: str
+    provider: Provider
+    stack: str
+    config: StackConfig
+    make_foreign: Callable[[], str]  # create a server outside the stack; returns its id
+    foreign_alive: Callable[[str], bool]
+    extra: dict[str, Any]
+
+
+def _local(make_world: Callable[..., World]) -> ContractEnv:
+    world = make_world(up=False, roles={"web": {"count": 2}})
+    world.cloud.ensure_address("demo", "demo-eip")
+    other = {"id": ""}
+
+    def make_foreign() -> str:
+        foreign = LocalProvider(world.cloud).create_servers(
+            stack="someone-else",
+            role="web",
+            generation=1,
+            run_id="theirs",
+            count=1,
+            image="debian-12-base",
+            size="small",
+            idempotency_key="theirs/1",
+            links={},
+        )
+        other["id"] = foreign[0].id
+        return foreign[0].id
+
+    def foreign_alive(server_id: str) -> bool:
+        row = world.cloud.server_row(server_id)
+        return row is not None and not row["destroyed"]
+
+    return ContractEnv(
+        "local",
+        LocalProvider(world.cloud),
+        "demo",
+        world.config,
+        make_foreign,
+        foreign_alive,
+        {"world": world},
+    )
+
+
+ENVIRONMENTS: dict[str, Callable[[Callable[..., World]], ContractEnv]] = {"local": _local}
+
+
+@pytest.fixture(params=sorted(ENVIRONMENTS))
+def env(request: pytest.FixtureRequest, make_world: Callable[..., World]) -> Iterator[ContractEnv]:
+    """One provider environment per parameter; torn down by its own fixtures."""
+    yield ENVIRONMENTS[request.param](make_world)
