@@ -109,10 +109,24 @@ def make_provider(settings: Settings, name: str, config: StackConfig) -> Provide
         from providers.local.provider import LocalProvider
 
         return LocalProvider(LocalCloud(settings.state_path))
-    raise BadInput(
-        f"stack {name!r}: provider {config.provider!r} is not available in this version "
-        "(only 'local' is implemented so far)"
-    )
+    if config.provider == "aws":
+        try:
+            from providers.aws import make_aws_provider
+        except ImportError as exc:
+            raise BadInput(
+                f"stack {name!r} needs the aws extra: pip install 'changeover[aws]' ({exc})"
+            ) from None
+        return make_aws_provider(name, config, state_dir=settings.state_path)
+    if config.provider.startswith("libcloud"):
+        try:
+            from providers.libcloud_provider import make_libcloud_provider
+        except ImportError as exc:
+            raise BadInput(
+                f"stack {name!r} needs the libcloud extra: "
+                f"pip install 'changeover[libcloud]' ({exc})"
+            ) from None
+        return make_libcloud_provider(name, config, state_dir=settings.state_path)
+    raise BadInput(f"stack {name!r}: unknown provider {config.provider!r}")
 
 
 def _engine(settings: Settings, provider: Provider, config: StackConfig) -> Engine:
@@ -157,24 +171,27 @@ def _progress_sink() -> Any:
 Table = tuple[str, list[str], list[list[Any]]]  # title, columns, rows
 
 
-def _emit(settings: Settings, data: dict[str, Any], text: str, table: Table | None = None) -> None:
-    """JSON with --output json; a rich table on a terminal; plain text otherwise."""
+def _emit(
+    settings: Settings, data: dict[str, Any], text: str, table: Table | list[Table] | None = None
+) -> None:
+    """JSON with --output json; rich tables on a terminal; plain text otherwise."""
     if settings.output == "json":
         sys.stdout.write(json.dumps(data, default=str) + "\n")
     elif table is not None and sys.stdout.isatty():
         from rich.console import Console
         from rich.table import Table as RichTable
 
-        title, columns, rows = table
-        t = RichTable(*columns, title=title, title_justify="left")
-        for row in rows:
-            t.add_row(*("" if v is None else str(v) for v in row))
-        Console().print(t)
+        console = Console()
+        for title, columns, rows in table if isinstance(table, list) else [table]:
+            t = RichTable(*columns, title=title, title_justify="left")
+            for row in rows:
+                t.add_row(*("" if v is None else str(v) for v in row))
+            console.print(t)
     else:
         sys.stdout.write(text.rstrip("\n") + "\n")
 
 
-def _print_plan(settings: Settings, plan: Plan) -> None:
+def _print_plan(settings: Settings, plan: Plan, provider: Provider | None = None) -> None:
     lines = [f"plan: {plan.strategy} {plan.stack} ({len(plan.steps)} steps)"]
     for k, v in plan.summary.items():
         lines.append(f"  {k}: {v}")
@@ -186,7 +203,8 @@ def _print_plan(settings: Settings, plan: Plan) -> None:
         ["#", "step", "parameters"],
         [[i + 1, st.key, st.describe().removeprefix(st.key)] for i, st in enumerate(plan.steps)],
     )
-    _emit(settings, {"plan": plan.to_dict()}, "\n".join(lines), table)
+    calls = dict(provider.api_calls) if provider is not None else {}
+    _emit(settings, {"plan": plan.to_dict(), "api_calls": calls}, "\n".join(lines), table)
 
 
 def _print_result(settings: Settings, result: RunResult) -> None:
@@ -249,7 +267,7 @@ def _execute(settings: Settings, name: str, build: Any, yes: bool, dry_run: bool
             engine.ensure_free(name)
         plan = build(provider, name, config)
         if dry_run:
-            _print_plan(settings, plan)
+            _print_plan(settings, plan, provider)
             return 0
         if not plan.steps:
             _print_result(
@@ -621,6 +639,19 @@ def unlock(
         {"stack": stack, "broken": holder},
         f"unlocked {stack}" + (f" (was held by {holder})" if holder else " (was not locked)"),
     )
+
+
+@app.command()
+def audit(ctx: typer.Context, stack: str) -> None:
+    """Pending and security updates, reboot-required, versions, drift, a recommendation."""
+    from orchestrator.audit import audit_stack
+
+    settings = _state(ctx).settings
+    config = settings.stack(stack)
+    provider = make_provider(settings, stack, config)
+    report = audit_stack(provider, stack, config, state_dir=settings.state_path)
+    _emit(settings, report.to_dict(), report.text(), report.tables())
+    raise typer.Exit(report.exit_code)
 
 
 @app.command()

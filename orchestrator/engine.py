@@ -338,7 +338,7 @@ class Engine:
             },
             "servers": {"created": created, "destroyed": sorted(set(destroyed))},
             "timings": {r.key: r.seconds for r in records if r.seconds is not None},
-            "api_calls": dict(sorted(self.provider.calls.items())),
+            "api_calls": dict(sorted(self.provider.api_calls.items())),
         }
 
     def resource_report(self, plan: Plan, run_id: str) -> dict[str, Any]:

@@ -33,6 +33,7 @@ DATA_SYNCED = "data.synced"
 DRAIN_WAIT = "drain.wait"
 
 PROVIDER_CALL = "provider.call"
+PROVIDER_RETRY = "provider.retry"
 LOCAL_STARTED = "local.started"
 LOCAL_STOPPED = "local.stopped"
 CRASH_INJECTED = "fault.crash_injected"

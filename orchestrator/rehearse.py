@@ -35,8 +35,8 @@ CLI_TIMEOUT = 300.0  # seconds any one changeover subprocess may take
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
+    if isinstance(v, (str, list)):
+        return json.dumps(v)  # a JSON string or array of scalars is valid TOML
     return str(v)
 
 
@@ -45,7 +45,7 @@ def stack_toml(name: str, stack: dict[str, Any]) -> str:
     lines: list[str] = []
 
     def table(prefix: str, d: dict[str, Any]) -> None:
-        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict) and v is not None}
         lines.append(f"[{prefix}]")
         lines.extend(f"{k} = {_toml_value(v)}" for k, v in scalars.items())
         for k, v in d.items():

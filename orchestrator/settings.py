@@ -44,7 +44,21 @@ class HealthCheck(_Strict):
 
     type: Literal["http", "tcp", "ec2-status", "target-group"] = "http"
     path: str = "/health"
+    port: int = Field(default=80, ge=1, le=65535, description="cloud servers; local ignores it")
     timeout: float = Field(default=2.0, gt=0)
+
+
+class SshOptions(_Strict):
+    """How to reach servers over SSH. Keys are files named here, never inline (I9)."""
+
+    user: str = "root"
+    port: int = Field(default=22, ge=1, le=65535)
+    known_hosts: str | None = Field(
+        default=None, description="known_hosts file; unknown or changed host keys are refused"
+    )
+    key_file: str | None = None
+    address: Literal["private", "public"] = "private"
+    timeout: float = Field(default=15.0, gt=0)
 
 
 class HygienePolicy(_Strict):
@@ -56,6 +70,39 @@ class HygienePolicy(_Strict):
         "upgrades; 'ignore': do not check",
     )
     reboot_required_fails: bool = True
+    min_versions: dict[str, str] = Field(
+        default_factory=dict, description="component -> lowest acceptable version"
+    )
+    components: list[str] = Field(
+        default_factory=list, description="extra components whose versions are recorded"
+    )
+    transport: Literal["auto", "local", "ssh", "ssm"] = "auto"
+    ssh: SshOptions = SshOptions()
+
+
+class LaunchOptions(_Strict):
+    """How a cloud server of a role is launched (aws; libcloud maps what it can)."""
+
+    launch_template: str | None = Field(default=None, description="id (lt-...) or name")
+    launch_template_version: str = "$Latest"
+    ami: str | None = None
+    ami_ssm_parameter: str | None = Field(
+        default=None, description="e.g. /aws/service/debian/release/12/latest/amd64"
+    )
+    instance_type: str | None = None
+    subnets: list[str] = Field(default_factory=list)
+    security_groups: list[str] = Field(default_factory=list)
+    key_name: str | None = None
+    instance_profile: str | None = None
+    user_data: str | None = Field(default=None, description="merged with changeover's cloud-init")
+
+
+class DataOptions(_Strict):
+    """How the data role's store is moved on a cloud (a volume and its snapshots)."""
+
+    device: str = "/dev/xvdf"
+    freeze_command: str | None = Field(default=None, description="run over SSM/SSH to freeze")
+    unfreeze_command: str | None = None
 
 
 class RoleConfig(_Strict):
@@ -66,6 +113,8 @@ class RoleConfig(_Strict):
     size: str = "small"
     health: HealthCheck = HealthCheck()
     data: bool = Field(default=False, description="this role holds the stack's data")
+    launch: LaunchOptions = LaunchOptions()
+    data_options: DataOptions = DataOptions()
 
 
 class StrategyDefaults(_Strict):
@@ -78,6 +127,38 @@ class StrategyDefaults(_Strict):
     boot_timeout: float = Field(default=DEFAULT_BOOT_TIMEOUT, gt=0)
 
 
+class LibcloudOptions(_Strict):
+    """A libcloud driver and its non-secret arguments. Secrets come from the environment
+    or the credentials file named here, never from this file or the logs."""
+
+    driver: str = Field(description="ec2 | digital_ocean | openstack | gce | equinix_metal | ...")
+    driver_args: dict[str, str | int | bool] = Field(default_factory=dict)
+    credentials_file: str | None = None
+    location: str | None = None
+    load_balancer: str | None = None
+    load_balancer_driver: str | None = Field(
+        default=None, description="libcloud loadbalancer driver (elb, alb, gce, ...)"
+    )
+    load_balancer_args: dict[str, str | int | bool] = Field(default_factory=dict)
+    ip: Literal["public", "private"] = Field(
+        default="public", description="which node address health checks and hygiene use"
+    )
+
+    @model_validator(mode="after")
+    def _no_secrets_in_args(self) -> LibcloudOptions:
+        # I9: a secret in the config file ends up in backups, diffs and CI logs.
+        secretish = ("secret", "password", "token", "credential", "passphrase", "api_key")
+        secretish += ("apikey", "access_key", "private_key")
+        for field in ("driver_args", "load_balancer_args"):
+            for name in getattr(self, field):
+                if name.lower() == "key" or any(s in name.lower() for s in secretish):
+                    raise ValueError(
+                        f"{field}.{name} looks secret: put it in the environment or the "
+                        "credentials_file, never in the config"
+                    )
+        return self
+
+
 class StackConfig(_Strict):
     """One stack: where it lives, its entry point, its roles, its defaults."""
 
@@ -86,6 +167,8 @@ class StackConfig(_Strict):
     endpoint_url: str | None = None
     profile: str | None = None
     address: str
+    address_type: Literal["auto", "proxy", "elastic-ip", "target-group", "floating-ip"] = "auto"
+    libcloud: LibcloudOptions | None = None
     roles: dict[str, RoleConfig]
     defaults: StrategyDefaults = StrategyDefaults()
     hygiene: HygienePolicy = HygienePolicy()

@@ -35,7 +35,11 @@ class Provider(Protocol):
     """What the engine needs from a place where servers live."""
 
     name: str
-    calls: Counter[str]
+    calls: Counter[str]  # Protocol operations, by name
+
+    @property
+    def api_calls(self) -> Counter[str]:
+        """The underlying API's calls by operation (the cloud's own names)."""
 
     # --- servers -------------------------------------------------------------------
     def list_servers(self, stack: str) -> list[Server]:
@@ -69,6 +73,9 @@ class Provider(Protocol):
         """Run the health gate on one server: running, app health, host hygiene."""
 
     # --- address ---------------------------------------------------------------------
+    def address_capacity(self, stack: str, address: str) -> int | None:
+        """How many members the address can hold: 1 for an elastic IP, None for no limit."""
+
     def get_members(self, stack: str, address: str) -> list[str]:
         """Server ids the address routes to now, read back from the provider."""
 

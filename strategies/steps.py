@@ -99,10 +99,11 @@ class WaitRunning(Step):
     def do(self, ctx: RunContext) -> StepResult:
         ids = ids_from(ctx, self.params)
         found = servers_by_id(ctx, ids)
-        dead = [i for i in ids if i not in found or found[i].state in ("stopped", "terminated")]
+        dead = [i for i in ids if i in found and found[i].state in ("stopped", "terminated")]
         if dead:
             raise StepFailed(f"servers died while booting: {', '.join(dead)}")
-        pending = [i for i in ids if found[i].state != "running"]
+        # Not found yet is eventual consistency right after a launch: keep polling.
+        pending = [i for i in ids if i not in found or found[i].state != "running"]
         if pending:
             raise TransientError(f"{len(pending)} of {len(ids)} servers still booting")
         return StepResult({"running": ids})
@@ -221,13 +222,19 @@ def _guard_verified(ctx: RunContext, targets: list[str], verified_from: str) -> 
         raise _refuse(ctx, f"not running: {', '.join(down)}")
 
 
+def _fit(ctx: RunContext, targets: list[str]) -> list[str]:
+    """An elastic IP holds one server; a load balancer or proxy holds them all."""
+    capacity = ctx.provider.address_capacity(ctx.stack, ctx.config.address)
+    return targets if capacity is None else targets[:capacity]
+
+
 class RepointAddress(Step):
     """Cutover: make the new, verified servers the address's members. Guarded."""
 
     name = "RepointAddress"
 
     def do(self, ctx: RunContext) -> StepResult:
-        targets = ids_from(ctx, self.params)
+        targets = _fit(ctx, ids_from(ctx, self.params))
         address = ctx.config.address
         current = ctx.provider.get_members(ctx.stack, address)
         if sorted(current) == sorted(targets):
@@ -256,7 +263,7 @@ class VerifyAddress(Step):
     retry = RetryPolicy(attempts=5, deadline=20.0)
 
     def do(self, ctx: RunContext) -> StepResult:
-        expect = set(ids_from(ctx, self.params))
+        expect = set(_fit(ctx, ids_from(ctx, self.params)))
         path = ctx.config.roles[self.params["role"]].health.path
         seen: set[str] = set()
         for _ in range(max(4, PROBES_PER_MEMBER * len(expect))):
@@ -279,7 +286,7 @@ class Bake(Step):
         seconds = float(self.params["seconds"])
         if seconds <= 0:
             return StepResult(noop="bake time is 0")
-        expect = ids_from(ctx, self.params)
+        expect = _fit(ctx, ids_from(ctx, self.params))
         path = ctx.config.roles[self.params["role"]].health.path
         interval = min(1.0, max(seconds / 5, 0.1))
         end = ctx.clock() + seconds

@@ -42,6 +42,10 @@ class LocalProvider:
         self.cloud = cloud
         self.calls: Counter[str] = Counter()
 
+    @property
+    def api_calls(self) -> Counter[str]:
+        return self.calls  # the local cloud's API is the Protocol itself
+
     # --- bookkeeping -----------------------------------------------------------------
     def _call(self, op: str, detail: str = "") -> None:
         """Count and journal a call, then apply injected faults for it."""
@@ -76,7 +80,10 @@ class LocalProvider:
     def describe_servers(self, stack: str, ids: list[str]) -> list[Server]:
         self._call("describe_servers", f"{stack}:{len(ids)}")
         wanted = set(ids)
-        return [self.cloud.to_server(r) for r in self.cloud.server_rows(stack) if r["id"] in wanted]
+        # Destroyed servers are described as terminated (not absent: absent means "not
+        # visible yet", which a cloud answers right after a launch).
+        rows = self.cloud.server_rows(stack, include_destroyed=True)
+        return [self.cloud.to_server(r) for r in rows if r["id"] in wanted]
 
     def create_servers(
         self,
@@ -190,6 +197,9 @@ class LocalProvider:
                 f"address {address!r} of stack {stack!r} is not running; `changeover local up`"
             )
         return info
+
+    def address_capacity(self, stack: str, address: str) -> int | None:
+        return None  # the local address is a proxy: any number of members
 
     def get_members(self, stack: str, address: str) -> list[str]:
         self._call("get_members", address)

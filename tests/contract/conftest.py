@@ -17,6 +17,8 @@ from orchestrator.rehearse import World
 from orchestrator.settings import StackConfig
 from providers.base import Provider
 from providers.local.provider import LocalProvider
+from tests.aws.conftest import aws, aws_server, moto_endpoint  # noqa: F401 - shared fixtures
+from tests.aws.world import AwsWorld
 
 
 @dataclass
@@ -32,7 +34,8 @@ class ContractEnv:
     extra: dict[str, Any]
 
 
-def _local(make_world: Callable[..., World]) -> ContractEnv:
+def _local(request: pytest.FixtureRequest) -> ContractEnv:
+    make_world: Callable[..., World] = request.getfixturevalue("make_world")
     world = make_world(up=False, roles={"web": {"count": 2}})
     world.cloud.ensure_address("demo", "demo-eip")
     other = {"id": ""}
@@ -67,10 +70,42 @@ def _local(make_world: Callable[..., World]) -> ContractEnv:
     )
 
 
-ENVIRONMENTS: dict[str, Callable[[Callable[..., World]], ContractEnv]] = {"local": _local}
+def _aws(world: AwsWorld) -> ContractEnv:
+    config = world.config(db=False)
+
+    def foreign_alive(server_id: str) -> bool:
+        return server_id in world.instances(tagged_only=False)
+
+    return ContractEnv(
+        "aws",
+        world.provider(config),
+        world.stack,
+        config,
+        lambda: world.foreign,
+        foreign_alive,
+        {"world": world},
+    )
+
+
+def _aws_in_process(request: pytest.FixtureRequest) -> ContractEnv:
+    """aws under moto's mock_aws, in this process."""
+    return _aws(request.getfixturevalue("aws"))
+
+
+def _aws_http(request: pytest.FixtureRequest) -> ContractEnv:
+    """aws against a ThreadedMotoServer on 127.0.0.1 through endpoint_url."""
+    return _aws(request.getfixturevalue("aws_server"))
+
+
+# name -> builder; a builder may pull any fixture it needs through `request`.
+ENVIRONMENTS: dict[str, Callable[[pytest.FixtureRequest], ContractEnv]] = {
+    "local": _local,
+    "aws-moto": _aws_in_process,
+    "aws-moto-server": _aws_http,
+}
 
 
 @pytest.fixture(params=sorted(ENVIRONMENTS))
-def env(request: pytest.FixtureRequest, make_world: Callable[..., World]) -> Iterator[ContractEnv]:
+def env(request: pytest.FixtureRequest) -> Iterator[ContractEnv]:
     """One provider environment per parameter; torn down by its own fixtures."""
-    yield ENVIRONMENTS[request.param](make_world)
+    yield ENVIRONMENTS[request.param](request)

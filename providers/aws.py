@@ -1,0 +1,790 @@
+"""The AWS provider (boto3): EC2 instances, Elastic IPs, ELBv2 target groups, EBS, SSM.
+
+- Servers are EC2 instances found by the ownership tags (I7). They are launched from a
+  launch template, an AMI, or the latest AMI named by an SSM public parameter, with
+  first-boot cloud-init that upgrades everything (providers/cloudinit.py).
+- The address is an Elastic IP (one holder, read back from DescribeAddresses, never
+  from the instance's PublicIpAddress) or an ELBv2 target group (register new, wait
+  healthy, deregister old, wait out the deregistration delay while draining).
+- Data moves as EBS: snapshot live, freeze with the user's command over SSM, final
+  snapshot, volume in the new instance's AZ, attach (always with InstanceId).
+- Every API call is counted per operation by botocore event hooks, and retried with
+  jittered exponential backoff when AWS says it is transient (throttling, 5xx,
+  eventual consistency). Polling is batched: one DescribeInstances per poll.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import boto3
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+    WaiterError,
+)
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from orchestrator import events
+from orchestrator.errors import (
+    BadInput,
+    CapabilityError,
+    ChangeoverError,
+    PreconditionFailed,
+    StepFailed,
+    TransientError,
+)
+from orchestrator.log import get_logger
+from orchestrator.models import (
+    TAG_GENERATION,
+    TAG_ROLE,
+    TAG_RUN,
+    TAG_STACK,
+    TAG_TOKEN,
+    DataSummary,
+    HealthReport,
+    Server,
+    ServerState,
+)
+from orchestrator.settings import HealthCheck, HygienePolicy, RoleConfig, StackConfig
+from providers.cloudinit import READY_FILE, first_boot_user_data
+from providers.transport import CommandResult, Transport, TransportUnavailable
+
+# Error codes AWS documents as worth retrying, plus eventual consistency after a launch.
+TRANSIENT_CODES = frozenset(
+    {
+        "RequestLimitExceeded",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequestsException",
+        "InternalError",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "Unavailable",
+        "InvalidInstanceID.NotFound",
+        "InvalidVolume.NotFound",
+        "InvalidSnapshot.NotFound",
+        "InvocationDoesNotExist",
+        "IncorrectInstanceState",
+    }
+)
+# Operation-name prefixes that change the world; `plan` must make none (I8).
+MUTATING_PREFIXES = (
+    "Run", "Terminate", "Create", "Delete", "Associate", "Disassociate", "Register",
+    "Deregister", "Attach", "Detach", "Modify", "Send", "Start", "Stop", "Reboot",
+    "Allocate", "Release", "Put", "Add", "Remove",
+)  # fmt: skip
+TAG_DATA_MODE = "changeover:data-mode"
+# "small" and friends are portable sizes; anything else is taken as an instance type.
+SIZES = {"small": "t3.small", "medium": "t3.medium", "large": "t3.large", "xlarge": "t3.xlarge"}
+LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
+STATE_MAP: dict[str, ServerState] = {
+    "pending": "pending",
+    "running": "running",
+    "stopping": "stopped",
+    "stopped": "stopped",
+    "shutting-down": "terminated",
+    "terminated": "terminated",
+}
+SSM_POLL = 1.0  # seconds between GetCommandInvocation polls
+HTTP_PORT = 80
+
+Prober = Callable[[str, int, str, float], tuple[int, str | None]]
+
+
+def http_probe(host: str, port: int, path: str, timeout: float) -> tuple[int, str | None]:
+    """GET host:port/path: (status, the server that answered if it says). 0 if unreachable."""
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, resp.getheader("X-Changeover-Backend")
+    except (OSError, http.client.HTTPException):
+        return 0, None
+    finally:
+        conn.close()
+
+
+def is_mutating(operation: str) -> bool:
+    return operation.startswith(MUTATING_PREFIXES)
+
+
+class AwsError(ChangeoverError):
+    """AWS refused a call for a reason retrying will not fix."""
+
+    exit_code = 1
+
+    def __init__(self, operation: str, code: str, message: str) -> None:
+        self.operation = operation
+        self.code = code
+        super().__init__(f"aws {operation}: {code}: {message}")
+
+
+def _map_error(operation: str, exc: Exception) -> Exception:
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", "Unknown"))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if code in TRANSIENT_CODES or status >= 500:
+            return TransientError(f"aws {operation}: {code} (transient)")
+        return AwsError(operation, code, str(err.get("Message", "")))
+    if isinstance(exc, (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError)):
+        return TransientError(f"aws {operation}: {exc}")
+    return exc
+
+
+class ApiAccounting:
+    """Counts every AWS API call by operation, via botocore's event hooks."""
+
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+        self.mutating: list[str] = []
+
+    def attach(self, client: Any) -> None:
+        client.meta.events.register("before-call", self._count)
+
+    def _count(self, model: Any, **_: Any) -> None:
+        self.calls[model.name] += 1
+        if is_mutating(model.name):
+            self.mutating.append(model.name)
+
+
+class SsmTransport:
+    """Runs commands through SSM RunCommand (AWS-RunShellScript), polling for the result."""
+
+    name = "ssm"
+
+    def __init__(self, provider: AwsProvider) -> None:
+        self.provider = provider
+
+    def run(self, server: Server, command: str, *, timeout: float = 30.0) -> CommandResult:
+        p = self.provider
+        sent = p.api(
+            p.ssm,
+            "send_command",
+            InstanceIds=[server.id],
+            DocumentName="AWS-RunShellScript",
+            Parameters={"commands": [command]},
+            TimeoutSeconds=max(30, int(timeout)),
+        )
+        command_id = sent["Command"]["CommandId"]
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                inv = p.api(
+                    p.ssm, "get_command_invocation", CommandId=command_id, InstanceId=server.id
+                )
+            except TransientError:
+                inv = {"Status": "Pending"}
+            status = inv.get("Status")
+            if status in ("Success", "Failed", "Cancelled", "TimedOut"):
+                return CommandResult(
+                    int(inv.get("ResponseCode", 0 if status == "Success" else 1)),
+                    str(inv.get("StandardOutputContent", "")),
+                    str(inv.get("StandardErrorContent", "")),
+                )
+            if time.monotonic() >= deadline:
+                raise TransportUnavailable(f"ssm command on {server.id} timed out ({status})")
+            p.sleep(SSM_POLL)
+
+
+class AwsProvider:
+    """Provider for stacks on AWS."""
+
+    name = "aws"
+
+    def __init__(
+        self,
+        *,
+        stack: str,
+        config: StackConfig,
+        session: Any,
+        endpoint_url: str | None = None,
+        prober: Prober = http_probe,
+        transport: Transport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        call_attempts: int = 8,
+        call_deadline: float = 60.0,
+    ) -> None:
+        self.stack = stack
+        self.config = config
+        self.accounting = ApiAccounting()
+        self.ec2 = session.client("ec2", endpoint_url=endpoint_url)
+        self.elbv2 = session.client("elbv2", endpoint_url=endpoint_url)
+        self.ssm = session.client("ssm", endpoint_url=endpoint_url)
+        for client in (self.ec2, self.elbv2, self.ssm):
+            self.accounting.attach(client)
+        self.calls: Counter[str] = Counter()
+        self.prober = prober
+        self.transport: Transport = transport or SsmTransport(self)
+        self.sleep = sleep
+        self.call_attempts = call_attempts
+        self.call_deadline = call_deadline
+        self.log = get_logger(provider="aws", stack_name=stack)
+        self._tg_arn: str | None = None
+
+    @property
+    def api_calls(self) -> Counter[str]:
+        return self.accounting.calls
+
+    # --- calling AWS -----------------------------------------------------------------
+    def api(self, client: Any, operation: str, **kwargs: Any) -> Any:
+        """One AWS call, retried with jittered backoff while AWS says it is transient."""
+
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            self.log.warning(
+                events.PROVIDER_RETRY,
+                operation=operation,
+                attempt=state.attempt_number,
+                error=str(exc),
+            )
+
+        def call() -> Any:
+            try:
+                return getattr(client, operation)(**kwargs)
+            except Exception as exc:
+                raise _map_error(operation, exc) from exc
+
+        retrying = Retrying(
+            stop=stop_after_attempt(self.call_attempts) | stop_after_delay(self.call_deadline),
+            wait=wait_random_exponential(multiplier=0.05, max=2.0),
+            retry=retry_if_exception_type(TransientError),
+            sleep=self.sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        return retrying(call)
+
+    def _pages(self, client: Any, operation: str, key: str, **kwargs: Any) -> Iterator[Any]:
+        """Paginate by hand through `api`, so every page is retried and counted."""
+        token: str | None = None
+        while True:
+            page = self.api(client, operation, **kwargs, **({"NextToken": token} if token else {}))
+            yield from page.get(key, [])
+            token = page.get("NextToken")
+            if not token:
+                return
+
+    def _op(self, name: str) -> None:
+        self.calls[name] += 1
+
+    # --- servers -------------------------------------------------------------------------
+    def _instances(self, stack: str, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        flt = [{"Name": f"tag:{TAG_STACK}", "Values": [stack]}, *filters]
+        return [
+            i
+            for r in self._pages(self.ec2, "describe_instances", "Reservations", Filters=flt)
+            for i in r["Instances"]
+        ]
+
+    def _to_server(self, inst: dict[str, Any]) -> Server:
+        tags = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
+        role = tags.get(TAG_ROLE, "")
+        role_cfg = self.config.roles.get(role)
+        use_public = self.config.hygiene.ssh.address == "public"
+        host = inst.get("PublicIpAddress") if use_public else inst.get("PrivateIpAddress")
+        return Server(
+            id=inst["InstanceId"],
+            stack=tags.get(TAG_STACK, ""),
+            role=role,
+            generation=int(tags.get(TAG_GENERATION, "0") or 0),
+            run=tags.get(TAG_RUN, ""),
+            state=STATE_MAP.get(inst["State"]["Name"], "pending"),
+            host=host,
+            port=role_cfg.health.port if role_cfg else None,
+            created_at=inst["LaunchTime"].timestamp() if "LaunchTime" in inst else 0.0,
+            tags=tags,
+        )
+
+    def list_servers(self, stack: str) -> list[Server]:
+        self._op("list_servers")
+        live = [{"Name": "instance-state-name", "Values": LIVE_STATES}]
+        return [self._to_server(i) for i in self._instances(stack, live)]
+
+    def describe_servers(self, stack: str, ids: list[str]) -> list[Server]:
+        self._op("describe_servers")
+        if not ids:
+            return []
+        # A filter (not InstanceIds) so an id AWS does not show yet is simply absent
+        # rather than an error, and so only our own instances ever come back (I7).
+        found = self._instances(stack, [{"Name": "instance-id", "Values": ids}])
+        return [self._to_server(i) for i in found]
+
+    def _image(self, role: str, cfg: RoleConfig) -> dict[str, Any]:
+        launch = cfg.launch
+        if launch.launch_template:
+            key = (
+                "LaunchTemplateId"
+                if launch.launch_template.startswith("lt-")
+                else ("LaunchTemplateName")
+            )
+            return {
+                "LaunchTemplate": {
+                    key: launch.launch_template,
+                    "Version": launch.launch_template_version,
+                }
+            }
+        if launch.ami:
+            return {"ImageId": launch.ami}
+        if launch.ami_ssm_parameter:
+            param = self.api(self.ssm, "get_parameter", Name=launch.ami_ssm_parameter)
+            return {"ImageId": param["Parameter"]["Value"]}
+        if cfg.image.startswith("ami-"):
+            return {"ImageId": cfg.image}
+        raise BadInput(
+            f"role {role!r} has no image: set roles.{role}.launch.ami, "
+            f"launch.ami_ssm_parameter or launch.launch_template"
+        )
+
+    def create_servers(
+        self,
+        *,
+        stack: str,
+        role: str,
+        generation: int,
+        run_id: str,
+        count: int,
+        image: str,
+        size: str,
+        idempotency_key: str,
+        links: dict[str, str],
+    ) -> list[Server]:
+        self._op("create_servers")
+        token_filter = [
+            {"Name": f"tag:{TAG_TOKEN}", "Values": [idempotency_key]},
+            {"Name": "instance-state-name", "Values": LIVE_STATES},
+        ]
+        existing = self._instances(stack, token_filter)
+        missing = count - len(existing)
+        if missing <= 0:
+            return [self._to_server(i) for i in existing[:count]]
+        cfg = self.config.roles[role]
+        launch = cfg.launch
+        tags = [
+            {"Key": TAG_STACK, "Value": stack},
+            {"Key": TAG_ROLE, "Value": role},
+            {"Key": TAG_GENERATION, "Value": str(generation)},
+            {"Key": TAG_RUN, "Value": run_id},
+            {"Key": TAG_TOKEN, "Value": idempotency_key},
+            {"Key": "Name", "Value": f"{stack}-{role}-g{generation}"},
+        ]
+        kwargs: dict[str, Any] = {
+            **self._image(role, cfg),
+            "MinCount": missing,
+            "MaxCount": missing,
+            # Like the tag lookup above, but AWS-side: a retried launch never doubles.
+            "ClientToken": hashlib.sha256(
+                f"{idempotency_key}/{len(existing)}".encode()
+            ).hexdigest()[:64],
+            "UserData": first_boot_user_data(launch.user_data),
+            "TagSpecifications": [
+                {"ResourceType": "instance", "Tags": tags},
+                {"ResourceType": "volume", "Tags": tags},
+            ],
+        }
+        instance_type = launch.instance_type or SIZES.get(size, size)
+        if not launch.launch_template or launch.instance_type:
+            kwargs["InstanceType"] = instance_type
+        if launch.subnets:
+            kwargs["SubnetId"] = launch.subnets[generation % len(launch.subnets)]
+        if launch.security_groups:
+            kwargs["SecurityGroupIds"] = launch.security_groups
+        if launch.key_name:
+            kwargs["KeyName"] = launch.key_name
+        if launch.instance_profile:
+            kwargs["IamInstanceProfile"] = {"Name": launch.instance_profile}
+        launched = self.api(self.ec2, "run_instances", **kwargs)["Instances"]
+        return [self._to_server(i) for i in [*existing, *launched]]
+
+    def destroy_servers(self, stack: str, ids: list[str]) -> list[str]:
+        self._op("destroy_servers")
+        if not ids:
+            return []
+        found = self._instances(stack, [{"Name": "instance-id", "Values": ids}])
+        owned = {i["InstanceId"]: i for i in found}
+        if foreign := [i for i in ids if i not in owned]:
+            raise PreconditionFailed(
+                f"instances {foreign} do not carry {TAG_STACK}={stack}; refusing to touch them"
+            )
+        alive = [
+            i
+            for i, inst in owned.items()
+            if inst["State"]["Name"] not in ("shutting-down", "terminated")
+        ]
+        if alive:
+            self.api(self.ec2, "terminate_instances", InstanceIds=alive)
+        return alive
+
+    # --- health ----------------------------------------------------------------------------
+    def verify_server(
+        self, server: Server, check: HealthCheck, policy: HygienePolicy
+    ) -> HealthReport:
+        self._op("verify_server")
+        report = HealthReport(server.id, server.state == "running", False, False)
+        if not report.running:
+            report.reasons.append(f"instance is {server.state}")
+            return report
+        report.app_ok, reason = self._app_health(server, check)
+        if reason:
+            report.reasons.append(reason)
+        report.hygiene_ok = self._hygiene(server, policy, report)
+        return report
+
+    def _app_health(self, server: Server, check: HealthCheck) -> tuple[bool, str]:
+        if check.type == "ec2-status":
+            st = self.api(
+                self.ec2,
+                "describe_instance_status",
+                InstanceIds=[server.id],
+                IncludeAllInstances=True,
+            )["InstanceStatuses"]
+            if (
+                st
+                and st[0]["InstanceStatus"]["Status"] == "ok"
+                and (st[0]["SystemStatus"]["Status"] == "ok")
+            ):
+                return True, ""
+            return False, "ec2 status checks not ok yet"
+        if check.type == "target-group":
+            health = self._target_health().get(server.id)
+            return health == "healthy", "" if health == "healthy" else f"target is {health}"
+        if server.host is None:
+            return False, "instance has no address to check"
+        if check.type == "tcp":
+            try:
+                socket.create_connection((server.host, check.port), check.timeout).close()
+                return True, ""
+            except OSError as exc:
+                return False, f"tcp check failed: {exc}"
+        status, _ = self.prober(server.host, check.port, check.path, check.timeout)
+        return status == 200, "" if status == 200 else f"health check failed: HTTP {status}"
+
+    def _hygiene(self, server: Server, policy: HygienePolicy, report: HealthReport) -> bool:
+        """Host hygiene over the transport: cloud-init finished, no reboot required, and
+        no pending upgrades as policy says (parsed by orchestrator.hygiene)."""
+        if policy.pending == "ignore" and not policy.reboot_required_fails:
+            return True
+        from orchestrator import hygiene
+
+        result = self.transport.run(server, hygiene.FACTS_COMMAND, timeout=60.0)
+        if not result.ok:
+            report.reasons.append(f"could not read host facts ({result.exit_status})")
+            return False
+        facts = hygiene.parse_facts(result.stdout)
+        report.facts = facts
+        if not facts.get("ready", True):
+            report.reasons.append(f"cloud-init has not finished ({READY_FILE} missing)")
+            return False
+        ok, reasons = hygiene.evaluate(facts, policy)
+        report.reasons.extend(reasons)
+        return ok
+
+    # --- address ---------------------------------------------------------------------------
+    def _address_kind(self) -> Literal["elastic-ip", "target-group"]:
+        kind = self.config.address_type
+        if kind in ("elastic-ip", "target-group"):
+            return kind
+        if kind in ("proxy", "floating-ip"):
+            raise CapabilityError("aws", f"address type {kind!r}", "use elastic-ip or target-group")
+        address = self.config.address
+        if address.startswith("eipalloc-") or address.replace(".", "").isdigit():
+            return "elastic-ip"
+        return "target-group"
+
+    def _eip(self, stack: str) -> dict[str, Any]:
+        address = self.config.address
+        key = "AllocationIds" if address.startswith("eipalloc-") else "PublicIps"
+        found = self.api(self.ec2, "describe_addresses", **{key: [address]})["Addresses"]
+        if not found:
+            raise PreconditionFailed(f"elastic IP {address} not found")
+        eip: dict[str, Any] = found[0]
+        tags = {t["Key"]: t["Value"] for t in eip.get("Tags", [])}
+        if tags.get(TAG_STACK) != stack:
+            raise PreconditionFailed(
+                f"elastic IP {address} does not carry {TAG_STACK}={stack}; refusing to touch it"
+            )
+        return eip
+
+    def _target_group(self, stack: str) -> str:
+        if self._tg_arn is None:
+            address = self.config.address
+            if address.startswith("arn:"):
+                arn = address
+            else:
+                groups = self.api(self.elbv2, "describe_target_groups", Names=[address])
+                arn = groups["TargetGroups"][0]["TargetGroupArn"]
+            described = self.api(self.elbv2, "describe_tags", ResourceArns=[arn])
+            tags = {t["Key"]: t["Value"] for t in described["TagDescriptions"][0]["Tags"]}
+            if tags.get(TAG_STACK) != stack:
+                raise PreconditionFailed(
+                    f"target group {address} does not carry {TAG_STACK}={stack}; refusing it"
+                )
+            self._tg_arn = arn
+        return self._tg_arn
+
+    def _target_health(self) -> dict[str, str]:
+        arn = self._target_group(self.stack)
+        described = self.api(self.elbv2, "describe_target_health", TargetGroupArn=arn)
+        return {
+            d["Target"]["Id"]: d["TargetHealth"]["State"]
+            for d in described["TargetHealthDescriptions"]
+        }
+
+    def address_capacity(self, stack: str, address: str) -> int | None:
+        return 1 if self._address_kind() == "elastic-ip" else None
+
+    def get_members(self, stack: str, address: str) -> list[str]:
+        self._op("get_members")
+        if self._address_kind() == "elastic-ip":
+            holder = self._eip(stack).get("InstanceId")
+            return [holder] if holder else []
+        return [i for i, state in self._target_health().items() if state != "draining"]
+
+    def set_members(self, stack: str, address: str, ids: list[str]) -> None:
+        self._op("set_members")
+        if self._address_kind() == "elastic-ip":
+            if len(ids) != 1:
+                raise CapabilityError("aws", f"an elastic IP holding {len(ids)} servers")
+            eip = self._eip(stack)
+            if eip.get("InstanceId") == ids[0]:
+                return
+            # moto (like old EC2-Classic code paths) refuses a move without this spelled out.
+            self.api(
+                self.ec2,
+                "associate_address",
+                AllocationId=eip["AllocationId"],
+                InstanceId=ids[0],
+                AllowReassociation=True,
+            )
+            return
+        arn = self._target_group(stack)
+        current = self._target_health()
+        new = [i for i in ids if i not in current or current[i] == "draining"]
+        if new:
+            self.api(
+                self.elbv2, "register_targets", TargetGroupArn=arn, Targets=[{"Id": i} for i in new]
+            )
+        health = self._target_health()
+        if waiting := [i for i in ids if health.get(i) != "healthy"]:
+            # Old targets stay registered until every new one is healthy; the engine
+            # retries this step, which re-reads and registers nothing twice.
+            raise TransientError(f"targets not healthy yet: {waiting}")
+        if old := [i for i, s in health.items() if i not in ids and s != "draining"]:
+            self.api(
+                self.elbv2,
+                "deregister_targets",
+                TargetGroupArn=arn,
+                Targets=[{"Id": i} for i in old],
+            )
+
+    def inflight(self, stack: str, address: str) -> dict[str, int]:
+        """Targets still draining count as busy until the deregistration delay is over."""
+        self._op("inflight")
+        if self._address_kind() == "elastic-ip":
+            return {}
+        return {i: 1 for i, s in self._target_health().items() if s == "draining"}
+
+    def probe_address(self, stack: str, address: str, path: str) -> tuple[int, str | None]:
+        """Through the address: HTTP when the serving role is checked over HTTP, else the
+        provider's own view of who holds the address and whether it is healthy."""
+        self._op("probe_address")
+        role = self.config.roles[self.config.serving_roles[0]]
+        if self._address_kind() == "elastic-ip":
+            eip = self._eip(stack)
+            holder = eip.get("InstanceId")
+            if role.health.type in ("http", "tcp"):
+                status, backend = self.prober(
+                    eip["PublicIp"], role.health.port, path, role.health.timeout
+                )
+                return status, backend or holder
+            if holder is None:
+                return 503, None
+            server = self.describe_servers(stack, [holder])
+            ok, _ = self._app_health(server[0], role.health) if server else (False, "")
+            return (200 if ok else 503), holder
+        health = self._target_health()
+        healthy = sorted(i for i, s in health.items() if s == "healthy")
+        if not healthy:
+            return 503, None
+        return 200, healthy[0]
+
+    # --- data (EBS) ------------------------------------------------------------------------
+    def _instance(self, stack: str, server_id: str) -> dict[str, Any]:
+        found = self._instances(stack, [{"Name": "instance-id", "Values": [server_id]}])
+        if not found:
+            raise PreconditionFailed(f"instance {server_id} is not part of stack {stack!r}")
+        return found[0]
+
+    def _data_volume(self, stack: str, server_id: str) -> str:
+        inst = self._instance(stack, server_id)
+        device = self.config.roles[self.config.data_role or ""].data_options.device
+        for mapping in inst.get("BlockDeviceMappings", []):
+            if mapping["DeviceName"] == device:
+                return str(mapping["Ebs"]["VolumeId"])
+        raise PreconditionFailed(f"instance {server_id} has no data volume at {device}")
+
+    def _run_hook(self, stack: str, server_id: str, command: str | None, what: str) -> None:
+        if not command:
+            return
+        server = self._to_server(self._instance(stack, server_id))
+        result = self.transport.run(server, command, timeout=120.0)
+        if not result.ok:
+            raise StepFailed(f"{what} command failed on {server_id}: exit {result.exit_status}")
+
+    def _set_mode(self, server_id: str, mode: str) -> None:
+        self.api(
+            self.ec2,
+            "create_tags",
+            Resources=[server_id],
+            Tags=[{"Key": TAG_DATA_MODE, "Value": mode}],
+        )
+
+    def _snapshot(self, stack: str, volume: str, purpose: str) -> str:
+        snap = self.api(
+            self.ec2,
+            "create_snapshot",
+            VolumeId=volume,
+            Description=f"changeover {purpose}",
+            TagSpecifications=[
+                {
+                    "ResourceType": "snapshot",
+                    "Tags": [
+                        {"Key": TAG_STACK, "Value": stack},
+                        {"Key": "changeover:purpose", "Value": purpose},
+                    ],
+                }
+            ],
+        )
+        self._wait("snapshot_completed", SnapshotIds=[snap["SnapshotId"]])
+        return str(snap["SnapshotId"])
+
+    def _wait(self, waiter: str, **kwargs: Any) -> None:
+        try:
+            self.ec2.get_waiter(waiter).wait(
+                **kwargs, WaiterConfig={"Delay": 2, "MaxAttempts": 150}
+            )
+        except WaiterError as exc:
+            raise TransientError(f"aws waiter {waiter}: {exc}") from exc
+
+    def _move_volume(self, stack: str, snapshot: str, dst: str, purpose: str) -> str:
+        """Create a volume from `snapshot` in dst's AZ and attach it at the data device,
+        replacing (detaching) whatever volume was there."""
+        inst = self._instance(stack, dst)
+        device = self.config.roles[self.config.data_role or ""].data_options.device
+        zone = inst["Placement"]["AvailabilityZone"]
+        vol = self.api(
+            self.ec2,
+            "create_volume",
+            SnapshotId=snapshot,
+            AvailabilityZone=zone,
+            TagSpecifications=[
+                {
+                    "ResourceType": "volume",
+                    "Tags": [
+                        {"Key": TAG_STACK, "Value": stack},
+                        {"Key": "changeover:purpose", "Value": purpose},
+                    ],
+                }
+            ],
+        )["VolumeId"]
+        self._wait("volume_available", VolumeIds=[vol])
+        for mapping in inst.get("BlockDeviceMappings", []):
+            if mapping["DeviceName"] == device:
+                # detach_volume needs InstanceId (moto fails without it; AWS prefers it).
+                self.api(
+                    self.ec2,
+                    "detach_volume",
+                    VolumeId=mapping["Ebs"]["VolumeId"],
+                    InstanceId=dst,
+                    Device=device,
+                )
+                self._wait("volume_available", VolumeIds=[mapping["Ebs"]["VolumeId"]])
+        self.api(self.ec2, "attach_volume", VolumeId=vol, InstanceId=dst, Device=device)
+        self._wait("volume_in_use", VolumeIds=[vol])
+        return str(vol)
+
+    def data_mode(self, stack: str, server_id: str) -> dict[str, Any]:
+        self._op("data_mode")
+        tags = {t["Key"]: t["Value"] for t in self._instance(stack, server_id).get("Tags", [])}
+        return {"mode": tags.get(TAG_DATA_MODE, "normal"), "inflight": 0}
+
+    def data_copy_live(self, stack: str, src_id: str, dst_id: str) -> dict[str, Any]:
+        self._op("data_copy_live")
+        # A live snapshot makes the final one incremental, so the freeze stays short.
+        return {"snapshot": self._snapshot(stack, self._data_volume(stack, src_id), "live")}
+
+    def data_freeze(self, stack: str, src_id: str) -> dict[str, Any]:
+        self._op("data_freeze")
+        opts = self.config.roles[self.config.data_role or ""].data_options
+        if not opts.freeze_command:
+            raise CapabilityError("aws", "a write freeze without data_options.freeze_command")
+        self._run_hook(stack, src_id, opts.freeze_command, "freeze")
+        self._set_mode(src_id, "frozen")
+        return {"mode": "frozen"}
+
+    def data_unfreeze(self, stack: str, src_id: str) -> dict[str, Any]:
+        self._op("data_unfreeze")
+        opts = self.config.roles[self.config.data_role or ""].data_options
+        self._run_hook(stack, src_id, opts.unfreeze_command, "unfreeze")
+        self._set_mode(src_id, "normal")
+        return {"mode": "normal"}
+
+    def data_final_sync(self, stack: str, src_id: str, dst_id: str) -> DataSummary:
+        self._op("data_final_sync")
+        src_vol = self._data_volume(stack, src_id)
+        snap = self._snapshot(stack, src_vol, "final")
+        vol = self._move_volume(stack, snap, dst_id, "data")
+        src = self.api(self.ec2, "describe_volumes", VolumeIds=[src_vol])["Volumes"][0]
+        new = self.api(self.ec2, "describe_volumes", VolumeIds=[vol])["Volumes"][0]
+        attached = [a["InstanceId"] for a in new.get("Attachments", [])]
+        if new.get("SnapshotId") != snap or new["Size"] != src["Size"] or attached != [dst_id]:
+            raise StepFailed(f"data volume {vol} does not match snapshot {snap} of {src_vol}")
+        return DataSummary(count=int(new["Size"]), max_id=0, checksum=snap)
+
+    def data_switch(self, stack: str, src_id: str, dst_id: str) -> dict[str, Any]:
+        self._op("data_switch")
+        # The new db serves from its own volume; the old one stays frozen until retired.
+        self._set_mode(src_id, "switched")
+        return {"mode": "switched"}
+
+    def data_switch_back(self, stack: str, src_id: str, dst_id: str) -> dict[str, Any]:
+        """Move the new db's volume (with every write it acknowledged) back to the old."""
+        self._op("data_switch_back")
+        opts = self.config.roles[self.config.data_role or ""].data_options
+        self._run_hook(stack, dst_id, opts.freeze_command, "freeze")
+        snap = self._snapshot(stack, self._data_volume(stack, dst_id), "switch-back")
+        vol = self._move_volume(stack, snap, src_id, "data")
+        self._run_hook(stack, src_id, opts.unfreeze_command, "unfreeze")
+        self._set_mode(src_id, "normal")
+        return {"volume": vol}
+
+
+def make_aws_provider(
+    name: str, config: StackConfig, *, state_dir: Path | None = None, **kw: Any
+) -> AwsProvider:
+    """Build the provider from config. Credentials come from boto3's usual chain only."""
+    del state_dir  # the journal lives elsewhere; AWS keeps no local state
+    if config.region is None:
+        raise BadInput(f"stack {name!r}: aws needs `region`")
+    session = boto3.Session(profile_name=config.profile, region_name=config.region)
+    return AwsProvider(
+        stack=name, config=config, session=session, endpoint_url=config.endpoint_url, **kw
+    )

@@ -1,0 +1,175 @@
+"""An AWS world under moto: a VPC's default subnet, a tagged Elastic IP and target group,
+a foreign (untagged) instance, and a stack's generation 1 with a data volume on its db."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+
+from orchestrator.models import TAG_STACK
+from orchestrator.settings import StackConfig
+from providers.aws import AwsProvider
+from tests.aws.faults import AwsFaults
+from tests.hygiene_fake import CleanHostTransport
+
+REGION = "us-east-1"
+CREDS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+STACK = "shop"
+DATA_DEVICE = "/dev/xvdf"
+
+
+def session() -> Any:
+    return boto3.Session(region_name=REGION, **CREDS)
+
+
+@dataclass
+class AwsWorld:
+    """Resources for one stack, made out of band with a plain (uncounted) client."""
+
+    endpoint_url: str | None = None
+    stack: str = STACK
+    ami: str = ""
+    eip_alloc: str = ""
+    tg_arn: str = ""
+    subnet: str = ""
+    foreign: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        s = session()
+        self.ec2 = s.client("ec2", endpoint_url=self.endpoint_url)
+        self.elbv2 = s.client("elbv2", endpoint_url=self.endpoint_url)
+        vpc = self.ec2.describe_vpcs()["Vpcs"][0]["VpcId"]
+        self.subnet = self.ec2.describe_subnets()["Subnets"][0]["SubnetId"]
+        self.ami = self.ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        tag = [{"Key": TAG_STACK, "Value": self.stack}]
+        self.eip_alloc = self.ec2.allocate_address(
+            Domain="vpc", TagSpecifications=[{"ResourceType": "elastic-ip", "Tags": tag}]
+        )["AllocationId"]
+        self.tg_arn = self.elbv2.create_target_group(
+            Name=f"{self.stack}-web", Protocol="HTTP", Port=80, VpcId=vpc, Tags=tag
+        )["TargetGroups"][0]["TargetGroupArn"]
+        self.foreign = self.ec2.run_instances(
+            ImageId=self.ami,
+            MinCount=1,
+            MaxCount=1,
+            TagSpecifications=[
+                {"ResourceType": "instance", "Tags": [{"Key": "team", "Value": "someone-else"}]}
+            ],
+        )["Instances"][0]["InstanceId"]
+
+    def config(
+        self, *, address: str = "eip", web: int = 2, db: bool = True, **defaults: Any
+    ) -> StackConfig:
+        launch = {"ami": self.ami, "subnets": [self.subnet]}
+        roles: dict[str, Any] = {
+            "web": {
+                "count": web,
+                "size": "small",
+                "launch": launch,
+                "health": {"type": "ec2-status"},
+            },
+        }
+        if db:
+            roles["db"] = {
+                "count": 1,
+                "data": True,
+                "launch": launch,
+                "health": {"type": "ec2-status"},
+                "data_options": {
+                    "device": DATA_DEVICE,
+                    "freeze_command": "systemctl stop app-writes",
+                    "unfreeze_command": "systemctl start app-writes",
+                },
+            }
+        return StackConfig.model_validate(
+            {
+                "provider": "aws",
+                "region": REGION,
+                "endpoint_url": self.endpoint_url,
+                "address": self.eip_alloc if address == "eip" else self.tg_arn,
+                "roles": roles,
+                "defaults": {"bake": 0.0, "retain": 0.0, "boot_timeout": 60.0, **defaults},
+                "hygiene": {"pending": "ignore", "reboot_required_fails": False},
+            }
+        )
+
+    def provider(
+        self, config: StackConfig, faults: AwsFaults | None = None, **kw: Any
+    ) -> AwsProvider:
+        kw.setdefault("transport", CleanHostTransport())
+        p = AwsProvider(
+            stack=self.stack,
+            config=config,
+            session=session(),
+            endpoint_url=self.endpoint_url,
+            sleep=kw.pop("sleep", lambda _s: None),
+            **kw,
+        )
+        if faults is not None:
+            faults.attach(p.ec2, p.elbv2, p.ssm)
+        return p
+
+    def bootstrap(self, provider: AwsProvider, config: StackConfig) -> dict[str, list[str]]:
+        """Generation 1: the db with a data volume, the web servers, the address on them."""
+        made: dict[str, list[str]] = {}
+        for role, cfg in config.roles.items():
+            servers = provider.create_servers(
+                stack=self.stack,
+                role=role,
+                generation=1,
+                run_id="bootstrap",
+                count=cfg.count,
+                image="",
+                size=cfg.size,
+                idempotency_key=f"bootstrap/{role}",
+                links={},
+            )
+            made[role] = [s.id for s in servers]
+        for db in made.get("db", []):
+            zone = self.ec2.describe_instances(InstanceIds=[db])["Reservations"][0]["Instances"][0][
+                "Placement"
+            ]["AvailabilityZone"]
+            vol = self.ec2.create_volume(
+                Size=20,
+                AvailabilityZone=zone,
+                TagSpecifications=[
+                    {"ResourceType": "volume", "Tags": [{"Key": TAG_STACK, "Value": self.stack}]}
+                ],
+            )["VolumeId"]
+            self.ec2.attach_volume(VolumeId=vol, InstanceId=db, Device=DATA_DEVICE)
+            made["db_volume"] = [vol]
+        provider.set_members(
+            self.stack,
+            config.address,
+            made["web"][: provider.address_capacity(self.stack, config.address) or None],
+        )
+        return made
+
+    def instances(self, *, tagged_only: bool = True) -> dict[str, dict[str, Any]]:
+        """Live instances (not terminated) by id, with their tags."""
+        out = {}
+        for r in self.ec2.describe_instances()["Reservations"]:
+            for i in r["Instances"]:
+                if i["State"]["Name"] in ("terminated", "shutting-down"):
+                    continue
+                tags = {t["Key"]: t["Value"] for t in i.get("Tags", [])}
+                if tagged_only and tags.get(TAG_STACK) != self.stack:
+                    continue
+                out[i["InstanceId"]] = {"tags": tags, "instance": i}
+        return out
+
+    def eip_holder(self) -> str | None:
+        addr = self.ec2.describe_addresses(AllocationIds=[self.eip_alloc])["Addresses"][0]
+        holder: str | None = addr.get("InstanceId")
+        return holder
+
+    def healthy_targets(self) -> list[str]:
+        d = self.elbv2.describe_target_health(TargetGroupArn=self.tg_arn)
+        return [
+            t["Target"]["Id"]
+            for t in d["TargetHealthDescriptions"]
+            if t["TargetHealth"]["State"] == "healthy"
+        ]
