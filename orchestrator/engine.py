@@ -91,6 +91,7 @@ class Engine:
         self.on_event = on_event or (lambda _k, _p: None)
         self._steps_done_here = 0
         self._last_beat = 0.0
+        self._tries = 0  # attempts of the step being run, for the journal
 
     def close(self) -> None:
         self.conn.close()
@@ -198,9 +199,11 @@ class Engine:
         )
 
         def call() -> StepResult | None:
+            self._tries += 1
             ctx.heartbeat()
             return fn()
 
+        self._tries = 0
         return retrying(call)
 
     def _drive(self, run_id: str, plan: Plan, lease: Lease) -> RunResult:
@@ -220,7 +223,7 @@ class Engine:
                 raise
             except Exception as exc:
                 reason = _reason(exc)
-                self.journal.step_failed(run_id, idx, lease, reason)
+                self.journal.step_failed(run_id, idx, lease, reason, tries=self._tries)
                 ctx.log.error(events.STEP_FAILED, step=step.key, error=reason)
                 self.on_event("step_failed", {"step": step.key, "error": reason})
                 if isinstance(exc, PreconditionFailed) and not any(
@@ -230,7 +233,9 @@ class Engine:
                         run_id, plan, lease, Outcome.PRECONDITION_FAILED, f"{step.key}: {reason}"
                     )
                 return self._rollback(run_id, plan, lease, cause=f"{step.key} failed: {reason}")
-            self.journal.step_done(run_id, idx, lease, result.outputs, result.noop)
+            self.journal.step_done(
+                run_id, idx, lease, result.outputs, noop=result.noop, tries=self._tries
+            )
             ctx.outputs[step.key] = result.outputs
             elapsed = round(time.monotonic() - t0, 3)
             if result.noop:

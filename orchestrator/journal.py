@@ -129,26 +129,35 @@ class Journal:
     def step_started(self, run_id: str, idx: int, lease: Lease) -> None:
         self._fenced(
             lease,
-            "UPDATE steps SET state='started', attempts=attempts+1, "
+            "UPDATE steps SET state='started', "
             "started_at=COALESCE(started_at, ?), error=NULL WHERE run_id=? AND idx=?",
             (time.time(), run_id, idx),
         )
 
     def step_done(
-        self, run_id: str, idx: int, lease: Lease, outputs: dict[str, Any], noop: str | None
+        self,
+        run_id: str,
+        idx: int,
+        lease: Lease,
+        outputs: dict[str, Any],
+        *,
+        noop: str | None = None,
+        tries: int = 1,
     ) -> None:
+        """`tries`: attempts this time (retries and polls included), added to the total."""
         self._fenced(
             lease,
-            "UPDATE steps SET state='done', ended_at=?, outputs_json=?, noop=? "
-            "WHERE run_id=? AND idx=?",
-            (time.time(), json.dumps(outputs), noop, run_id, idx),
+            "UPDATE steps SET state='done', ended_at=?, outputs_json=?, noop=?, "
+            "attempts=attempts+? WHERE run_id=? AND idx=?",
+            (time.time(), json.dumps(outputs), noop, tries, run_id, idx),
         )
 
-    def step_failed(self, run_id: str, idx: int, lease: Lease, error: str) -> None:
+    def step_failed(self, run_id: str, idx: int, lease: Lease, error: str, tries: int = 1) -> None:
         self._fenced(
             lease,
-            "UPDATE steps SET state='failed', ended_at=?, error=? WHERE run_id=? AND idx=?",
-            (time.time(), error, run_id, idx),
+            "UPDATE steps SET state='failed', ended_at=?, error=?, attempts=attempts+? "
+            "WHERE run_id=? AND idx=?",
+            (time.time(), error, tries, run_id, idx),
         )
 
     def undo_state(
