@@ -7,6 +7,7 @@ raise TransientError and the engine retries them under their policy.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -45,7 +46,8 @@ class CreateServers(Step):
     retry = RetryPolicy(attempts=6, deadline=60.0)
 
     def _token(self, ctx: RunContext) -> str:
-        return f"{ctx.run_id}/{self.key}"
+        # Only [a-z0-9.-]: cloud tag filters treat other characters as patterns.
+        return f"{ctx.run_id}.{hashlib.sha256(self.key.encode()).hexdigest()[:12]}"
 
     def _db(self, ctx: RunContext) -> dict[str, str]:
         if self.params.get("db"):
