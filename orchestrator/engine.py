@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -44,6 +46,43 @@ from orchestrator.settings import StackConfig
 from providers.base import Provider
 
 EventSink = Callable[[str, dict[str, Any]], None]
+
+
+class Heartbeat:
+    """Renews the lease from a thread of its own while a run is being driven, so a step
+    that waits long (a boot, a snapshot, a bake) never lets the lease lapse."""
+
+    def __init__(self, state_dir: Path, lease: Lease, ttl: float) -> None:
+        self.state_dir = state_dir
+        self.lease = lease
+        self.ttl = ttl
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="changeover-heartbeat", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        conn = connect(self.state_dir)
+        lock = LeaseLock(conn, ttl=self.ttl)
+        try:
+            while not self._stop.wait(self.ttl / 3):
+                try:
+                    self.lease = lock.renew(self.lease)
+                except FencedError as exc:
+                    # The main thread's next journal write is refused too; just stop.
+                    self.lost = str(exc)
+                    return
+                except sqlite3.OperationalError:
+                    continue  # busy database: the next beat is soon enough
+        finally:
+            conn.close()
 
 
 def new_run_id() -> str:
@@ -80,6 +119,8 @@ class Engine:
         clock: Callable[[], float] = time.time,
         on_event: EventSink | None = None,
     ) -> None:
+        self.state_dir = state_dir
+        self.lock_ttl = lock_ttl
         self.conn = connect(state_dir)
         self.lock = LeaseLock(self.conn, ttl=lock_ttl, clock=clock)
         self.journal = Journal(self.conn, self.lock)
@@ -207,6 +248,10 @@ class Engine:
         return retrying(call)
 
     def _drive(self, run_id: str, plan: Plan, lease: Lease) -> RunResult:
+        with Heartbeat(self.state_dir, lease, self.lock_ttl):
+            return self._drive_steps(run_id, plan, lease)
+
+    def _drive_steps(self, run_id: str, plan: Plan, lease: Lease) -> RunResult:
         ctx = self._context(run_id, plan, lease)
         records = self.journal.steps(run_id)
         total = len(plan.steps)
@@ -232,7 +277,7 @@ class Engine:
                     return self._finish(
                         run_id, plan, lease, Outcome.PRECONDITION_FAILED, f"{step.key}: {reason}"
                     )
-                return self._rollback(run_id, plan, lease, cause=f"{step.key} failed: {reason}")
+                return self._undo_steps(run_id, plan, lease, cause=f"{step.key} failed: {reason}")
             self.journal.step_done(
                 run_id, idx, lease, result.outputs, noop=result.noop, tries=self._tries
             )
@@ -257,6 +302,10 @@ class Engine:
 
     # --- rollback ------------------------------------------------------------------------
     def _rollback(self, run_id: str, plan: Plan, lease: Lease, *, cause: str) -> RunResult:
+        with Heartbeat(self.state_dir, lease, self.lock_ttl):
+            return self._undo_steps(run_id, plan, lease, cause=cause)
+
+    def _undo_steps(self, run_id: str, plan: Plan, lease: Lease, *, cause: str) -> RunResult:
         self.journal.set_status(run_id, "rolling_back", lease, error=cause)
         ctx = self._context(run_id, plan, lease)
         ctx.log.warning(events.RUN_ROLLBACK_STARTED, cause=cause)

@@ -346,7 +346,10 @@ class RemoveMembers(Step):
 
 
 class AddMembers(Step):
-    """Put new, verified servers behind the address next to the old ones. Guarded."""
+    """Put new, verified servers behind the address next to the old ones. Guarded.
+
+    An address that holds one server (an elastic IP) cannot hold both: there, adding
+    is an atomic swap to the new server, and undo swaps back to the old one."""
 
     name = "AddMembers"
 
@@ -358,8 +361,10 @@ class AddMembers(Step):
         if not new:
             return StepResult({"added": []}, noop="servers already behind the address")
         _guard_verified(ctx, new, self.params["verified_from"])
-        ctx.provider.set_members(ctx.stack, address, current + new)
-        return StepResult({"added": new})
+        capacity = ctx.provider.address_capacity(ctx.stack, address)
+        members = (current + new)[-capacity:] if capacity else current + new
+        ctx.provider.set_members(ctx.stack, address, members)
+        return StepResult({"added": new, "previous": current})
 
     def undo(self, ctx: RunContext) -> StepResult:
         ids = set(ids_from(ctx, self.params))
@@ -367,7 +372,13 @@ class AddMembers(Step):
         current = ctx.provider.get_members(ctx.stack, address)
         if not ids & set(current):
             return StepResult(noop="servers already out of the address")
-        ctx.provider.set_members(ctx.stack, address, [m for m in current if m not in ids])
+        remaining = [m for m in current if m not in ids]
+        if not remaining:
+            # A one-server address: point it back at what it held before.
+            remaining = ctx.output(self.key).get("previous", [])
+            if not remaining:
+                raise GuardRefused("cannot empty the address and nothing to point it back to")
+        ctx.provider.set_members(ctx.stack, address, remaining)
         _drain(ctx, sorted(ids))
         return StepResult({"removed": sorted(ids)})
 

@@ -169,3 +169,43 @@ def test_dead_address_proxy_comes_back_on_its_port_with_its_members(world: World
     assert provider.get_members("demo", "demo-eip") == members
     assert world.address_port == port
     assert provider.probe_address("demo", "demo-eip", "/health")[0] == 200
+
+
+def test_lease_is_renewed_while_a_step_blocks(world: World) -> None:
+    """I5: a step blocked longer than the lease TTL keeps the lease (heartbeat thread), so a
+    competing run is refused meanwhile and the blocked run still finishes."""
+    world.cloud.inject("latency", op="set_members", times=1, seconds=3.0)
+    engine = Engine(
+        state_dir=world.state_dir,
+        provider=LocalProvider(world.cloud),
+        config=world.config,
+        lock_ttl=1.5,
+    )
+    plan = plan_rebuild(engine.provider, "demo", world.config)
+    refused: list[str] = []
+
+    def compete() -> None:
+        conn = connect(world.state_dir)
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not refused:
+                if world.cloud.calls() and any(
+                    c["op"] == "set_members" for c in world.cloud.calls()[-3:]
+                ):
+                    time.sleep(2.0)  # well past the 1.5 s TTL, still inside the 3 s call
+                    try:
+                        LeaseLock(conn, ttl=1.5).acquire("demo", "intruder")
+                        refused.append("acquired")
+                    except LockedError as exc:
+                        refused.append(str(exc))
+                time.sleep(0.05)
+        finally:
+            conn.close()
+
+    t = threading.Thread(target=compete)
+    t.start()
+    result = engine.start(plan)
+    t.join()
+    engine.close()
+    assert result.outcome == Outcome.SUCCEEDED, result.message
+    assert refused and "locked by run" in refused[0]

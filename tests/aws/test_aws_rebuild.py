@@ -121,3 +121,17 @@ def test_quirks_elastic_ip_holder_is_read_from_describe_addresses(aws: AwsWorld)
     stale = aws.ec2.describe_instances(InstanceIds=[a])["Reservations"][0]["Instances"][0]
     assert stale.get("PublicIpAddress"), "moto keeps the EIP on the old instance"
     assert provider.get_members(aws.stack, config.address) == [b]
+
+
+def test_rotate_behind_an_elastic_ip_swaps_the_holder(aws: AwsWorld, tmp_path: Any) -> None:
+    """An EIP holds one server: rotate swaps it to the verified new instance atomically,
+    then drains and terminates the old one."""
+    config = aws.config(web=1, db=False)
+    made = aws.bootstrap(aws.provider(config), config)
+    provider = aws.provider(config)
+    result = _engine(tmp_path, provider, config).start(plan_rotate(provider, aws.stack, config))
+    assert result.outcome == Outcome.SUCCEEDED, result.message
+    holder = aws.eip_holder()
+    assert holder is not None and holder != made["web"][0]
+    assert made["web"][0] not in aws.instances()
+    assert aws.instances()[holder]["tags"]["changeover:generation"] == "2"
