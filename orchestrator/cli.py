@@ -227,6 +227,7 @@ def _print_result(settings: Settings, result: RunResult) -> None:
     ]
     if result.outcome.value not in ("succeeded", "noop"):
         lines.append(f"  {result.message}")
+        lines.append(f"  next: {_NEXT[result.outcome.value].format(run=s['run_id'])}")
     if "resources" in s:
         lines.append("  resources now:")
         lines.append("    " + json.dumps(s["resources"], indent=2).replace("\n", "\n    "))
@@ -240,6 +241,21 @@ def _print_result(settings: Settings, result: RunResult) -> None:
         ],
     )
     _emit(settings, s, "\n".join(lines), table)
+
+
+_NEXT = {
+    "rolled_back": "the old stack is serving as before; fix the cause, then run again",
+    "dirty": "an operator is needed: `changeover status {run}` lists each resource's state",
+    "precondition_failed": "nothing was touched; fix the precondition, then run again",
+}
+
+
+def _holder_alive(pid: int, host: str) -> bool:
+    import socket
+
+    from orchestrator.lock import pid_alive
+
+    return host == socket.gethostname() and pid_alive(pid)
 
 
 def _confirm(settings: Settings, plan: Plan, yes: bool) -> None:
@@ -553,8 +569,11 @@ def status(ctx: typer.Context, run_id: Annotated[str | None, typer.Argument()] =
         holder = journal.lock.holder(rec.stack)
     finally:
         conn.close()
+    alive = holder is not None and _holder_alive(holder["pid"], holder["host"])
     advice = {
-        "running": f"interrupted or still running: `changeover resume {rec.id}` to continue, "
+        "running": f"still running (pid {holder['pid']} on {holder['host']})"
+        if alive and holder is not None
+        else f"interrupted: `changeover resume {rec.id}` to continue, "
         f"or `changeover rollback {rec.id}` to undo",
         "rolling_back": f"rollback interrupted: `changeover resume {rec.id}` finishes it",
         "dirty": "an operator is needed: fix the failed undo below, then "

@@ -29,7 +29,8 @@ class Lease:
     expires_at: float
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True if the process exists and is not a zombie."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
@@ -60,7 +61,7 @@ class LeaseLock:
         try:
             row = self.holder(stack)
             if row is not None:
-                dead = row["host"] == self.host and not _pid_alive(row["pid"])
+                dead = row["host"] == self.host and not pid_alive(row["pid"])
                 same_run = row["run_id"] == run_id
                 # Another run's lease blocks until it expires, even if that process
                 # died: its run is unfinished and must be resumed or rolled back first.

@@ -7,6 +7,7 @@ Each step is idempotent: it checks real state first, then acts or records a no-o
 
 from __future__ import annotations
 
+import abc
 import enum
 import importlib
 import time
@@ -97,7 +98,7 @@ STEP_TYPES: dict[str, type[Step]] = {}
 STEP_MODULES = ("strategies.steps",)
 
 
-class Step:
+class Step(abc.ABC):
     """One step of a plan. Subclasses are named VerbObject and do one job."""
 
     name: ClassVar[str] = ""
@@ -118,8 +119,9 @@ class Step:
         """The retry policy for this instance; steps with a configured deadline override."""
         return self.retry
 
+    @abc.abstractmethod
     def do(self, ctx: RunContext) -> StepResult:
-        raise NotImplementedError(f"{self.name} has no do()")  # a programming error
+        """Check real state, then act or return a no-op. Raise to fail the step."""
 
     def undo(self, ctx: RunContext) -> StepResult | None:
         """Undo what do() did. None means there is nothing to undo for this step."""
