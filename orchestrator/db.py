@@ -48,6 +48,19 @@ CREATE TABLE IF NOT EXISTS fencing (
     stack TEXT PRIMARY KEY,
     last_token INTEGER NOT NULL
 );
+-- What each audit read of each server's components (history). A run's own record of
+-- them is its VerifyServers step's outputs; drift is measured against that.
+CREATE TABLE IF NOT EXISTS component_versions (
+    stack TEXT NOT NULL,
+    server_id TEXT NOT NULL,
+    component TEXT NOT NULL,
+    version TEXT,
+    recorded_at REAL NOT NULL,
+    source TEXT NOT NULL,
+    run_id TEXT
+);
+CREATE INDEX IF NOT EXISTS component_versions_server
+    ON component_versions(stack, server_id, recorded_at);
 """
 
 

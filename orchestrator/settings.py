@@ -59,6 +59,7 @@ class SshOptions(_Strict):
     key_file: str | None = None
     address: Literal["private", "public"] = "private"
     timeout: float = Field(default=15.0, gt=0)
+    attempts: int = Field(default=3, ge=1, le=10, description="connection attempts per command")
 
 
 class HygienePolicy(_Strict):
@@ -78,6 +79,29 @@ class HygienePolicy(_Strict):
     )
     transport: Literal["auto", "local", "ssh", "ssm"] = "auto"
     ssh: SshOptions = SshOptions()
+    max_age_days: float | None = Field(
+        default=None, gt=0, description="audit recommends replacing servers launched longer ago"
+    )
+    gemfile_locks: list[str] = Field(
+        default_factory=lambda: [
+            "/var/deploy/*/web_head/current/Gemfile.lock",
+            "/srv/*/current/Gemfile.lock",
+            "/var/www/*/current/Gemfile.lock",
+        ],
+        description="where the rails version is read from (absolute paths, globs allowed)",
+    )
+    facts_timeout: float = Field(default=120.0, gt=0, description="seconds for the fact script")
+
+    @model_validator(mode="after")
+    def _check_names(self) -> HygienePolicy:
+        # Component names and lock-file paths end up in a shell command on the server.
+        for name in [*self.components, *self.min_versions]:
+            if not name[:1].isalnum() or not all(c.isalnum() or c in "+._-" for c in name):
+                raise ValueError(f"component {name!r}: use a package name (letters, digits, +._-)")
+        for path in self.gemfile_locks:
+            if not path.startswith("/") or not all(c.isalnum() or c in "/_.*+-" for c in path):
+                raise ValueError(f"gemfile_locks: {path!r} is not a plain absolute path")
+        return self
 
 
 class LaunchOptions(_Strict):
@@ -148,10 +172,11 @@ class LibcloudOptions(_Strict):
     def _no_secrets_in_args(self) -> LibcloudOptions:
         # I9: a secret in the config file ends up in backups, diffs and CI logs.
         secretish = ("secret", "password", "token", "credential", "passphrase", "api_key")
-        secretish += ("apikey", "access_key", "private_key")
+        secretish_too = ("apikey", "access_key", "private_key")
         for field in ("driver_args", "load_balancer_args"):
             for name in getattr(self, field):
-                if name.lower() == "key" or any(s in name.lower() for s in secretish):
+                lower = name.lower()
+                if lower == "key" or any(s in lower for s in secretish + secretish_too):
                     raise ValueError(
                         f"{field}.{name} looks secret: put it in the environment or the "
                         "credentials_file, never in the config"

@@ -42,6 +42,7 @@ from tenacity import (
 )
 
 from orchestrator import events
+from orchestrator.audit import check_hygiene
 from orchestrator.errors import (
     BadInput,
     CapabilityError,
@@ -478,24 +479,27 @@ class AwsProvider:
         return status == 200, "" if status == 200 else f"health check failed: HTTP {status}"
 
     def _hygiene(self, server: Server, policy: HygienePolicy, report: HealthReport) -> bool:
-        """Host hygiene over the transport: cloud-init finished, no reboot required, and
-        no pending upgrades as policy says (parsed by orchestrator.hygiene)."""
-        if policy.pending == "ignore" and not policy.reboot_required_fails:
+        """Host hygiene over the transport (SSM by default): cloud-init has finished,
+        then the shared fact script, judged by the shared policy (orchestrator.hygiene)."""
+        if (
+            policy.pending == "ignore"
+            and not policy.reboot_required_fails
+            and (not policy.min_versions)
+        ):
             return True
-        from orchestrator import hygiene
-
-        result = self.transport.run(server, hygiene.FACTS_COMMAND, timeout=60.0)
-        if not result.ok:
-            report.reasons.append(f"could not read host facts ({result.exit_status})")
-            return False
-        facts = hygiene.parse_facts(result.stdout)
-        report.facts = facts
-        if not facts.get("ready", True):
+        ready = self.transport.run(server, f"test -f {READY_FILE}", timeout=60.0)
+        if not ready.ok:
             report.reasons.append(f"cloud-init has not finished ({READY_FILE} missing)")
             return False
-        ok, reasons = hygiene.evaluate(facts, policy)
-        report.reasons.extend(reasons)
-        return ok
+        facts, verdict = check_hygiene(self.transport, server, policy)
+        report.facts = facts.to_dict()
+        report.reasons.extend(verdict.reasons)
+        return verdict.ok
+
+    def ex_transport(self, policy: HygienePolicy) -> Transport:
+        """The transport `audit` uses on aws: SSM RunCommand unless one was injected."""
+        del policy
+        return self.transport
 
     # --- address ---------------------------------------------------------------------------
     def _address_kind(self) -> Literal["elastic-ip", "target-group"]:
@@ -721,6 +725,15 @@ class AwsProvider:
         self._wait("volume_in_use", VolumeIds=[vol])
         return str(vol)
 
+    def check_data_moves(self, stack: str) -> None:
+        opts = self.config.roles[self.config.data_role or ""].data_options
+        if not opts.freeze_command:
+            raise CapabilityError(
+                "aws",
+                "a write freeze without data_options.freeze_command",
+                "set it on the data role, or rebuild with --no-migrate-data",
+            )
+
     def data_mode(self, stack: str, server_id: str) -> dict[str, Any]:
         self._op("data_mode")
         tags = {t["Key"]: t["Value"] for t in self._instance(stack, server_id).get("Tags", [])}
@@ -733,9 +746,8 @@ class AwsProvider:
 
     def data_freeze(self, stack: str, src_id: str) -> dict[str, Any]:
         self._op("data_freeze")
+        self.check_data_moves(stack)
         opts = self.config.roles[self.config.data_role or ""].data_options
-        if not opts.freeze_command:
-            raise CapabilityError("aws", "a write freeze without data_options.freeze_command")
         self._run_hook(stack, src_id, opts.freeze_command, "freeze")
         self._set_mode(src_id, "frozen")
         return {"mode": "frozen"}

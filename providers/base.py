@@ -92,6 +92,10 @@ class Provider(Protocol):
     # The data role's store moves in phases; each provider maps them onto what it has
     # (rows copied between db servers locally; EBS snapshots and volumes on AWS).
     # `data_mode` is what the steps check first, so every phase is idempotent.
+    def check_data_moves(self, stack: str) -> None:
+        """Raise CapabilityError now (at plan time) if the data role's store cannot be
+        moved here, or is not configured to be; rebuild with --no-migrate-data then."""
+
     def data_mode(self, stack: str, server_id: str) -> dict[str, Any]:
         """{"mode": "normal" | "frozen" | "switched", "inflight": writes in flight}."""
 

@@ -36,6 +36,8 @@ def plan_rebuild(
     migrate_data: bool = True,
 ) -> Plan:
     """Compose the rebuild plan from the stack as it is now (read-only)."""
+    if config.data_role is not None and migrate_data:
+        provider.check_data_moves(name)  # a capability error belongs at plan time (exit 2)
     view = inspect_stack(provider, name, config)
     bake = config.defaults.bake if bake is None else bake
     retain = config.defaults.retain if retain is None else retain

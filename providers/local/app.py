@@ -121,6 +121,32 @@ def version_key(version: str) -> tuple[tuple[int, int, str], ...]:
     return tuple(parts)
 
 
+def kernel_version(packages: Mapping[str, Any]) -> str | None:
+    """The version of the (simulated) kernel package: the first named linux-image*."""
+    names = sorted(n for n in packages if n.startswith("linux-image"))
+    return str(packages[names[0]]) if names else None
+
+
+# /etc/os-release of the simulated images, by image name prefix.
+OS_RELEASES: dict[str, dict[str, str]] = {
+    "debian-12": {
+        "ID": "debian",
+        "VERSION_ID": "12",
+        "VERSION_CODENAME": "bookworm",
+        "PRETTY_NAME": "Debian GNU/Linux 12 (bookworm)",
+    },
+}
+
+
+def os_release(image: str) -> dict[str, str]:
+    """The simulated /etc/os-release fields of an image."""
+    for prefix, fields in OS_RELEASES.items():
+        if image.startswith(prefix):
+            return dict(fields)
+    name = image.split("-", maxsplit=1)[0] or "linux"
+    return {"ID": name, "PRETTY_NAME": f"{image} (simulated)"}
+
+
 def _atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
@@ -205,6 +231,9 @@ class PackageState:
         self.reboot_pkgs_path = self.host_root / "var/run/reboot-required.pkgs"
         self.installed: dict[str, str] = {}
         self.boot_count = 0
+        # The kernel package version the last (simulated) boot started: a kernel upgraded
+        # after it runs only once the server reboots.
+        self.running_kernel: str | None = None
         self._last_index: dict[str, dict[str, Any]] = {}
 
     def read_index(self) -> dict[str, dict[str, Any]]:
@@ -233,6 +262,7 @@ class PackageState:
                 previous = int(json.loads(self.boot_path.read_text())["boot_count"])
             if not self._config.keep_reboot_required:
                 self._clear_var_run()
+            self.running_kernel = kernel_version(self.installed)
             self._set_boot_count(previous + 1)
             return
 
@@ -259,6 +289,9 @@ class PackageState:
                 # package_reboot_if_required: the reboot wipes /var/run (a tmpfs).
                 self._clear_var_run()
                 boot_count = 2
+        rebooted = boot_count == 2 or not needs_reboot
+        booted = installed if rebooted else self._config.image["packages"]
+        self.running_kernel = kernel_version(booted)
         self._set_boot_count(boot_count)
 
     def _clear_var_run(self) -> None:
@@ -268,7 +301,9 @@ class PackageState:
 
     def _set_boot_count(self, count: int) -> None:
         self.boot_count = count
-        _atomic_write_json(self.boot_path, {"boot_count": count})
+        _atomic_write_json(
+            self.boot_path, {"boot_count": count, "running_kernel": self.running_kernel}
+        )
 
     def set_package(self, name: str, version: str | None) -> dict[str, str]:
         """Change one installed package by hand (drift); ``None`` removes it."""
@@ -704,6 +739,15 @@ class App:
             "reboot_required_pkgs": reboot_pkgs,
             "boot_count": self.packages.boot_count,
             "booted_at": self.booted_at,
+            # Read by the local cloud's transport (providers/local/transport.py), which
+            # answers changeover's fact script from them in the real commands' formats.
+            "kernel": {
+                "running": self.packages.running_kernel,
+                "installed": [v for v in [kernel_version(self.packages.installed)] if v],
+            },
+            "os_release": os_release(str(self.config.image.get("name", ""))),
+            "held": sorted(n for n in self.config.hold_packages if n in self.packages.installed),
+            "uptime": round(time.time() - self.booted_at, 3) if self.booted_at else 0.0,
         }
 
     def _set_package(self, req: Request) -> tuple[int, dict[str, Any]]:

@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from orchestrator.audit import check_hygiene, select_transport
 from orchestrator.errors import (
     CapabilityError,
     ChangeoverError,
@@ -161,28 +162,16 @@ class LocalProvider:
                 report.reasons.append(f"tcp check failed: {exc}")
         else:
             raise CapabilityError("local", f"health check type {check.type!r}", "use http or tcp")
+        # Host hygiene: the same fact script, parsers and policy as on every provider
+        # (orchestrator/hygiene.py), here answered by the simulated host.
         try:
-            _, facts, _ = request(current.port, "GET", "/facts", timeout=check.timeout)
-        except HttpError as exc:
+            facts, verdict = check_hygiene(select_transport(self, policy), current, policy)
+        except ChangeoverError as exc:
             report.reasons.append(f"could not read host facts: {exc}")
             return report
-        report.facts = facts
-        report.hygiene_ok = True
-        pending = facts.get("pending", [])
-        if policy.pending == "none" and pending:
-            report.hygiene_ok = False
-            names = ", ".join(p["name"] for p in pending)
-            report.reasons.append(f"{len(pending)} pending upgrade(s): {names}")
-        elif policy.pending == "security":
-            sec = [p for p in pending if p.get("security")]
-            if sec:
-                report.hygiene_ok = False
-                names = ", ".join(p["name"] for p in sec)
-                report.reasons.append(f"{len(sec)} pending security upgrade(s): {names}")
-        if policy.reboot_required_fails and facts.get("reboot_required"):
-            report.hygiene_ok = False
-            pkgs = ", ".join(facts.get("reboot_required_pkgs", [])) or "unknown packages"
-            report.reasons.append(f"reboot required (by {pkgs})")
+        report.facts = facts.to_dict()
+        report.hygiene_ok = verdict.ok
+        report.reasons += verdict.reasons
         return report
 
     # --- address ----------------------------------------------------------------------
@@ -270,6 +259,9 @@ class LocalProvider:
             self._data_request(stack, dst_id, "POST", "/db/load", {"rows": rows})
             copied += len(rows)
             cursor = int(rows[-1][0])
+
+    def check_data_moves(self, stack: str) -> None:
+        return None  # every local db server can copy, hold and forward
 
     def data_mode(self, stack: str, server_id: str) -> dict[str, Any]:
         self._call("data_mode", server_id)

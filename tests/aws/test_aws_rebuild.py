@@ -9,10 +9,13 @@ from structlog.testing import capture_logs
 from orchestrator import events
 from orchestrator.engine import Engine
 from orchestrator.plan import Outcome
+from providers.cloudinit import READY_FILE
+from providers.transport import CommandResult
 from strategies.rebuild import plan_rebuild
 from strategies.rotate import plan_rotate
 from tests.aws.faults import AwsFaults
 from tests.aws.world import DATA_DEVICE, AwsWorld
+from tests.recorded import PENDING_FACTS, RecordedTransport
 
 
 def _engine(tmp_path: Any, provider: Any, config: Any, **kw: Any) -> Engine:
@@ -135,3 +138,33 @@ def test_rotate_behind_an_elastic_ip_swaps_the_holder(aws: AwsWorld, tmp_path: A
     assert holder is not None and holder != made["web"][0]
     assert made["web"][0] not in aws.instances()
     assert aws.instances()[holder]["tags"]["changeover:generation"] == "2"
+
+
+def test_hygiene_gate_over_the_transport(aws: AwsWorld, tmp_path: Any) -> None:
+    """The health gate reads real recorded host facts over the transport: a clean host
+    passes and its facts are journaled; pending security upgrades or an unfinished
+    cloud-init fail it, and the EIP never moves."""
+    config = aws.config(hygiene={"pending": "security"})
+    made = aws.bootstrap(aws.provider(config), config)
+    clean = RecordedTransport()
+    provider = aws.provider(config, transport=clean)
+    result = _engine(tmp_path / "a", provider, config).start(
+        plan_rebuild(provider, aws.stack, config)
+    )
+    assert result.outcome == Outcome.SUCCEEDED, result.message
+    assert any("changeover facts" in cmd for _, cmd in clean.commands)
+    holder = aws.eip_holder()
+    for transport, reason in (
+        (RecordedTransport(facts=PENDING_FACTS), "pending security upgrade"),
+        (
+            RecordedTransport(failing={f"test -f {READY_FILE}": CommandResult(1, "")}),
+            "cloud-init has not finished",
+        ),
+    ):
+        provider = aws.provider(config, transport=transport)
+        result = _engine(tmp_path / reason[:7], provider, config).start(
+            plan_rebuild(provider, aws.stack, config)
+        )
+        assert result.outcome == Outcome.ROLLED_BACK and reason in result.message
+        assert aws.eip_holder() == holder
+    assert made

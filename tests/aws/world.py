@@ -12,7 +12,7 @@ from orchestrator.models import TAG_STACK
 from orchestrator.settings import StackConfig
 from providers.aws import AwsProvider
 from tests.aws.faults import AwsFaults
-from tests.hygiene_fake import CleanHostTransport
+from tests.recorded import RecordedTransport
 
 REGION = "us-east-1"
 CREDS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
@@ -61,7 +61,13 @@ class AwsWorld:
         )["Instances"][0]["InstanceId"]
 
     def config(
-        self, *, address: str = "eip", web: int = 2, db: bool = True, **defaults: Any
+        self,
+        *,
+        address: str = "eip",
+        web: int = 2,
+        db: bool = True,
+        hygiene: dict[str, Any] | None = None,
+        **defaults: Any,
     ) -> StackConfig:
         launch = {"ami": self.ami, "subnets": [self.subnet]}
         roles: dict[str, Any] = {
@@ -92,14 +98,14 @@ class AwsWorld:
                 "address": self.eip_alloc if address == "eip" else self.tg_arn,
                 "roles": roles,
                 "defaults": {"bake": 0.0, "retain": 0.0, "boot_timeout": 60.0, **defaults},
-                "hygiene": {"pending": "ignore", "reboot_required_fails": False},
+                "hygiene": hygiene or {"pending": "ignore", "reboot_required_fails": False},
             }
         )
 
     def provider(
         self, config: StackConfig, faults: AwsFaults | None = None, **kw: Any
     ) -> AwsProvider:
-        kw.setdefault("transport", CleanHostTransport())
+        kw.setdefault("transport", RecordedTransport())
         p = AwsProvider(
             stack=self.stack,
             config=config,

@@ -97,11 +97,40 @@ def _aws_http(request: pytest.FixtureRequest) -> ContractEnv:
     return _aws(request.getfixturevalue("aws_server"))
 
 
+def _libcloud_ec2(request: pytest.FixtureRequest, *, server: bool) -> ContractEnv:
+    """libcloud's EC2 driver on moto (shimmed in tests/libcloud/moto_shims.py)."""
+    from tests.libcloud.world import make_world as make_ec2_world
+
+    world = make_ec2_world(request, server=server)
+    config = world.config(web=2)
+    return ContractEnv(
+        "libcloud-ec2",
+        world.provider(config),
+        world.stack,
+        config,
+        lambda: world.foreign,
+        world.alive,
+        {"world": world},
+    )
+
+
+def _libcloud_ec2_in_process(request: pytest.FixtureRequest) -> ContractEnv:
+    """libcloud:ec2 under moto's mock_aws, in this process."""
+    return _libcloud_ec2(request, server=False)
+
+
+def _libcloud_ec2_http(request: pytest.FixtureRequest) -> ContractEnv:
+    """libcloud:ec2 against a ThreadedMotoServer on 127.0.0.1 through endpoint_url."""
+    return _libcloud_ec2(request, server=True)
+
+
 # name -> builder; a builder may pull any fixture it needs through `request`.
 ENVIRONMENTS: dict[str, Callable[[pytest.FixtureRequest], ContractEnv]] = {
     "local": _local,
     "aws-moto": _aws_in_process,
     "aws-moto-server": _aws_http,
+    "libcloud-ec2-moto": _libcloud_ec2_in_process,
+    "libcloud-ec2-moto-server": _libcloud_ec2_http,
 }
 
 
