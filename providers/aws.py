@@ -20,7 +20,7 @@ import http.client
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -248,7 +248,20 @@ class AwsProvider:
     # --- calling AWS -----------------------------------------------------------------
     def api(self, client: Any, operation: str, **kwargs: Any) -> Any:
         """One AWS call, retried with jittered backoff while AWS says it is transient."""
+        return self._retrying(operation, lambda: getattr(client, operation)(**kwargs))
 
+    def paginate(self, client: Any, operation: str, key: str, **kwargs: Any) -> list[Any]:
+        """Every item of a paginated call (boto3's paginator), retried as a whole: a
+        throttled page restarts the listing, so nothing is half-read."""
+
+        def everything() -> list[Any]:
+            pages = client.get_paginator(operation).paginate(**kwargs)
+            return [item for page in pages for item in page.get(key, [])]
+
+        result: list[Any] = self._retrying(operation, everything)
+        return result
+
+    def _retrying(self, operation: str, fn: Callable[[], Any]) -> Any:
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             self.log.warning(
@@ -260,7 +273,7 @@ class AwsProvider:
 
         def call() -> Any:
             try:
-                return getattr(client, operation)(**kwargs)
+                return fn()
             except Exception as exc:
                 raise _map_error(operation, exc) from exc
 
@@ -274,16 +287,6 @@ class AwsProvider:
         )
         return retrying(call)
 
-    def _pages(self, client: Any, operation: str, key: str, **kwargs: Any) -> Iterator[Any]:
-        """Paginate by hand through `api`, so every page is retried and counted."""
-        token: str | None = None
-        while True:
-            page = self.api(client, operation, **kwargs, **({"NextToken": token} if token else {}))
-            yield from page.get(key, [])
-            token = page.get("NextToken")
-            if not token:
-                return
-
     def _op(self, name: str) -> None:
         self.calls[name] += 1
 
@@ -292,7 +295,7 @@ class AwsProvider:
         flt = [{"Name": f"tag:{TAG_STACK}", "Values": [stack]}, *filters]
         return [
             i
-            for r in self._pages(self.ec2, "describe_instances", "Reservations", Filters=flt)
+            for r in self.paginate(self.ec2, "describe_instances", "Reservations", Filters=flt)
             for i in r["Instances"]
         ]
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import base64
 import email
 
+import pytest
 import yaml
+from botocore.exceptions import ClientError
 
 from orchestrator.settings import StackConfig
 from providers.aws import SsmTransport
 from providers.cloudinit import READY_COMMAND, first_boot_user_data
-from tests.aws.world import DATA_DEVICE, AwsWorld
+from tests.aws.world import DATA_DEVICE, AwsWorld, session
 
 
 def test_cloud_init_upgrades_reboots_and_signals_ready() -> None:
@@ -138,3 +140,57 @@ def test_switching_data_back_moves_the_new_volume_to_the_old_db(aws: AwsWorld) -
     snap = aws.ec2.describe_snapshots(SnapshotIds=[back[0]["SnapshotId"]])["Snapshots"][0]
     assert snap["VolumeId"] == new_vol_id
     assert provider.api_calls["DetachVolume"] == 1
+
+
+def test_launch_options_reach_run_instances(aws: AwsWorld) -> None:
+    """Instance type, subnet, security groups, key name and instance profile are passed."""
+    sg = aws.ec2.create_security_group(GroupName="web", Description="web")["GroupId"]
+    aws.ec2.create_key_pair(KeyName="ops")
+    iam = session().client("iam")
+    iam.create_instance_profile(InstanceProfileName="changeover-web")
+    inst = _launch(
+        aws,
+        {
+            "ami": aws.ami,
+            "instance_type": "m5.large",
+            "security_groups": [sg],
+            "key_name": "ops",
+            "instance_profile": "changeover-web",
+        },
+    )
+    assert inst["InstanceType"] == "m5.large" and inst["SubnetId"] == aws.subnet
+    assert [g["GroupId"] for g in inst["SecurityGroups"]] == [sg]
+    assert inst["KeyName"] == "ops"
+    assert "changeover-web" in inst["IamInstanceProfile"]["Arn"]
+
+
+def test_quirk_reassociation_needs_the_flag_spelled_out(aws: AwsWorld) -> None:
+    """moto refuses to move an associated EIP unless AllowReassociation is given; the
+    provider always gives it, so the move works."""
+    config = aws.config(db=False)
+    made = aws.bootstrap(aws.provider(config), config)
+    with pytest.raises(ClientError, match="AlreadyAssociated"):
+        aws.ec2.associate_address(AllocationId=aws.eip_alloc, InstanceId=made["web"][1])
+    provider = aws.provider(config)
+    provider.set_members(aws.stack, config.address, [made["web"][1]])
+    assert aws.eip_holder() == made["web"][1]
+
+
+def test_http_health_checks_go_to_the_instance_address(aws: AwsWorld) -> None:
+    """An http check probes the instance's private IP on the configured port and path."""
+    cfg = aws.config(db=False).model_dump(mode="json")
+    cfg["roles"]["web"]["health"] = {"type": "http", "path": "/up", "port": 8080}
+    config = StackConfig.model_validate(cfg)
+    made = aws.bootstrap(aws.provider(config), config)
+    probes: list[tuple[str, int, str]] = []
+
+    def prober(host: str, port: int, path: str, timeout: float) -> tuple[int, str | None]:
+        probes.append((host, port, path))
+        return (503 if len(probes) == 1 else 200), None
+
+    provider = aws.provider(config, prober=prober)
+    server = provider.describe_servers(aws.stack, made["web"][:1])[0]
+    first = provider.verify_server(server, config.roles["web"].health, config.hygiene)
+    second = provider.verify_server(server, config.roles["web"].health, config.hygiene)
+    assert not first.passed and "HTTP 503" in first.reasons[0] and second.passed
+    assert probes[0] == (server.host, 8080, "/up") and server.host
