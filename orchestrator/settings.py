@@ -32,7 +32,8 @@ DEFAULT_BAKE_SECONDS = 10.0  # seconds to keep checking through the address afte
 DEFAULT_RETAIN_SECONDS = 30.0  # seconds the old generation stays up for a cheap rollback
 DEFAULT_MAX_SURGE = 1  # new servers at a time during rotate
 DEFAULT_MIN_HEALTHY_PCT = 100  # percent of the serving count that must keep serving
-DEFAULT_BOOT_TIMEOUT = 120.0  # seconds a new server may take to boot
+DEFAULT_BOOT_TIMEOUT = 120.0  # seconds a new server may take to boot (and to verify)
+DEFAULT_DRAIN_TIMEOUT = 330.0  # seconds to drain; an ELB's default deregistration delay is 300
 
 
 class _Strict(BaseModel):
@@ -149,6 +150,7 @@ class StrategyDefaults(_Strict):
     max_surge: int = Field(default=DEFAULT_MAX_SURGE, ge=1)
     min_healthy: int = Field(default=DEFAULT_MIN_HEALTHY_PCT, ge=0, le=100)
     boot_timeout: float = Field(default=DEFAULT_BOOT_TIMEOUT, gt=0)
+    drain_timeout: float = Field(default=DEFAULT_DRAIN_TIMEOUT, gt=0)
 
 
 class LibcloudOptions(_Strict):

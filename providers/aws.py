@@ -460,13 +460,17 @@ class AwsProvider:
                 InstanceIds=[server.id],
                 IncludeAllInstances=True,
             )["InstanceStatuses"]
-            if (
-                st
-                and st[0]["InstanceStatus"]["Status"] == "ok"
-                and (st[0]["SystemStatus"]["Status"] == "ok")
-            ):
+            statuses = (
+                {st[0]["InstanceStatus"]["Status"], st[0]["SystemStatus"]["Status"]}
+                if st
+                else {"initializing"}
+            )
+            if statuses == {"ok"}:
                 return True, ""
-            return False, "ec2 status checks not ok yet"
+            if statuses <= {"ok", "initializing", "not-applicable"}:
+                # Status checks settle a few minutes after boot: wait, don't fail.
+                raise TransientError(f"ec2 status checks of {server.id} still initializing")
+            return False, f"ec2 status checks: {', '.join(sorted(statuses))}"
         if check.type == "target-group":
             health = self._target_health().get(server.id)
             return health == "healthy", "" if health == "healthy" else f"target is {health}"

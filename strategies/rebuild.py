@@ -81,7 +81,7 @@ def plan_rebuild(
         )
         created.append(f"CreateServers[{role}]")
     steps.append(WaitRunning(sources=created, timeout=config.defaults.boot_timeout))
-    steps.append(VerifyServers(sources=created))
+    steps.append(VerifyServers(sources=created, timeout=config.defaults.boot_timeout))
     web_from = [f"CreateServers[{r}]" for r in serving]
     if rebuild_data:
         assert old_db is not None and data_role is not None

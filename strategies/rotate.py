@@ -71,7 +71,9 @@ def plan_rotate(
             WaitRunning(
                 key=f"WaitRunning#{n}", sources=[create], timeout=config.defaults.boot_timeout
             ),
-            VerifyServers(key=f"VerifyServers#{n}", sources=[create]),
+            VerifyServers(
+                key=f"VerifyServers#{n}", sources=[create], timeout=config.defaults.boot_timeout
+            ),
             AddMembers(key=f"AddMembers#{n}", sources=[create], verified_from=f"VerifyServers#{n}"),
             RemoveMembers(
                 key=f"RemoveMembers#{n}", ids=batch, min_healthy=healthy_pct, total=len(serving)

@@ -21,8 +21,9 @@ from orchestrator.errors import (
 from orchestrator.models import TAG_TOKEN, Server
 from orchestrator.plan import NO_RETRY, RetryPolicy, RunContext, Step, StepResult
 
-# How long to wait for in-flight requests on a server leaving the address.
-DRAIN_TIMEOUT = 30.0
+# Address changes wait for the cloud (an ELB marks targets healthy after its checks pass,
+# typically 30 s to a few minutes), so they retry patiently rather than fail the run.
+ADDRESS_RETRY = RetryPolicy(attempts=1_000, deadline=600.0, backoff_initial=0.5, backoff_max=5.0)
 # Probes through the address per server behind it, when verifying a cutover.
 PROBES_PER_MEMBER = 3
 
@@ -112,10 +113,16 @@ class WaitRunning(Step):
 
 
 class VerifyServers(Step):
-    """The health gate: running, app health check, host hygiene. Records the facts."""
+    """The health gate: running, app health check, host hygiene. Records the facts.
+
+    A check that is not settled yet (EC2 status `initializing`) raises TransientError
+    and is retried until `timeout`; a check that failed fails the gate at once."""
 
     name = "VerifyServers"
-    retry = RetryPolicy(attempts=4, deadline=30.0)
+
+    def policy(self) -> RetryPolicy:
+        timeout = float(self.params.get("timeout", 120.0))
+        return RetryPolicy(attempts=10_000, deadline=timeout, backoff_initial=0.2, backoff_max=5.0)
 
     def do(self, ctx: RunContext) -> StepResult:
         ids = ids_from(ctx, self.params)
@@ -234,6 +241,7 @@ class RepointAddress(Step):
     """Cutover: make the new, verified servers the address's members. Guarded."""
 
     name = "RepointAddress"
+    retry = ADDRESS_RETRY
 
     def do(self, ctx: RunContext) -> StepResult:
         targets = _fit(ctx, ids_from(ctx, self.params))
@@ -352,6 +360,7 @@ class AddMembers(Step):
     is an atomic swap to the new server, and undo swaps back to the old one."""
 
     name = "AddMembers"
+    retry = ADDRESS_RETRY
 
     def do(self, ctx: RunContext) -> StepResult:
         ids = ids_from(ctx, self.params)
@@ -384,14 +393,15 @@ class AddMembers(Step):
 
 
 def _drain(ctx: RunContext, ids: list[str]) -> None:
-    end = ctx.clock() + DRAIN_TIMEOUT
+    timeout = ctx.config.defaults.drain_timeout
+    end = ctx.clock() + timeout
     while True:
         inflight = ctx.provider.inflight(ctx.stack, ctx.config.address)
         busy = {i: n for i in ids if (n := inflight.get(i, 0)) > 0}
         if not busy:
             return
         if ctx.clock() >= end:
-            raise StepFailed(f"servers did not drain within {DRAIN_TIMEOUT:.0f}s: {busy}")
+            raise StepFailed(f"servers did not drain within {timeout:.0f}s: {busy}")
         ctx.log.debug(events.DRAIN_WAIT, busy=busy)
         ctx.wait(0.05)
 

@@ -8,8 +8,9 @@ layer sits on a provider's clients and makes the waiting logic really wait:
 - `fail_once(operation, code, status)`: the next call of an operation fails (a 500...);
 - `not_found_after_launch()`: the first DescribeInstances after a RunInstances says
   InvalidInstanceID.NotFound, as EC2's eventual consistency does;
-- `boot_delay(s)`, `health_delay(s)`, `drain_delay(s)`: instances stay pending, targets
-  stay `initial`, deregistered targets stay `draining`, for that long;
+- `boot_delay(s)`, `status_delay(s)`, `health_delay(s)`, `drain_delay(s)`: instances stay
+  pending, their status checks `initializing`, targets `initial`, deregistered targets
+  `draining`, for that long;
 - `unhealthy(ids)`: those targets never become healthy.
 """
 
@@ -47,6 +48,7 @@ class AwsFaults:
     boot_seconds: float = 0.0
     health_seconds: float = 0.0
     drain_seconds: float = 0.0
+    status_seconds: float = 0.0
     never_healthy: set[str] = field(default_factory=set)
     launched: dict[str, float] = field(default_factory=dict)
     registered: dict[str, float] = field(default_factory=dict)
@@ -82,6 +84,10 @@ class AwsFaults:
 
     def drain_delay(self, seconds: float) -> AwsFaults:
         self.drain_seconds = seconds
+        return self
+
+    def status_delay(self, seconds: float) -> AwsFaults:
+        self.status_seconds = seconds
         return self
 
     def unhealthy(self, *ids: str) -> AwsFaults:
@@ -145,6 +151,11 @@ class AwsFaults:
                         and (inst["State"]["Name"] == "running")
                     ):
                         inst["State"] = {"Code": 0, "Name": "pending"}
+        elif op == "DescribeInstanceStatus":
+            for st in parsed.get("InstanceStatuses", []):
+                born = self.launched.get(st["InstanceId"])
+                if born is not None and now - born < self.status_seconds:
+                    st["InstanceStatus"] = {"Status": "initializing", "Details": []}
         elif op == "DescribeTargetHealth":
             descriptions = parsed.get("TargetHealthDescriptions", [])
             for d in descriptions:

@@ -168,3 +168,22 @@ def test_hygiene_gate_over_the_transport(aws: AwsWorld, tmp_path: Any) -> None:
         assert result.outcome == Outcome.ROLLED_BACK and reason in result.message
         assert aws.eip_holder() == holder
     assert made
+
+
+def test_initializing_status_checks_are_waited_for(aws: AwsWorld, tmp_path: Any) -> None:
+    """EC2 status checks still `initializing` make the gate wait (retry), not fail."""
+    config = aws.config()
+    aws.bootstrap(aws.provider(config), config)
+    now = [0.0]
+
+    def tick(_s: float) -> None:
+        now[0] += 0.5
+
+    faults = AwsFaults(clock=lambda: now[0]).status_delay(5)
+    provider = aws.provider(config, faults, sleep=tick)
+    engine = Engine(state_dir=tmp_path, provider=provider, config=config, sleep=tick)
+    result = engine.start(plan_rebuild(provider, aws.stack, config))
+    assert result.outcome == Outcome.SUCCEEDED, result.message
+    steps = {s.key: s for s in engine.journal.steps(result.run_id or "")}
+    assert steps["VerifyServers"].attempts > 1
+    engine.close()
