@@ -27,7 +27,8 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_after_delay,
-    wait_random_exponential,
+    wait_exponential,
+    wait_random,
 )
 
 from orchestrator import events
@@ -232,7 +233,10 @@ class Engine:
 
         retrying = Retrying(
             stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.deadline),
-            wait=wait_random_exponential(multiplier=policy.backoff_initial, max=policy.backoff_max),
+            # Exponential up to the cap, plus a little jitter: a step's retries poll the
+            # world, so full jitter would only double the polls for the same overshoot.
+            wait=wait_exponential(multiplier=policy.backoff_initial, max=policy.backoff_max)
+            + wait_random(0, policy.backoff_initial),
             retry=retry_if_exception_type(policy.transient),
             sleep=self.sleep,
             before_sleep=before_sleep,

@@ -240,6 +240,7 @@ class AwsProvider:
         self.call_deadline = call_deadline
         self.log = get_logger(provider="aws", stack_name=stack)
         self._tg_arn: str | None = None
+        self._statuses: dict[str, Any] = {}  # one batch's DescribeInstanceStatus answers
 
     @property
     def api_calls(self) -> Counter[str]:
@@ -438,6 +439,24 @@ class AwsProvider:
         return alive
 
     # --- health ----------------------------------------------------------------------------
+    def verify_servers(
+        self, servers: list[Server], checks: dict[str, HealthCheck], policy: HygienePolicy
+    ) -> list[HealthReport]:
+        """One DescribeInstanceStatus for every ec2-status check of the batch."""
+        status_ids = [s.id for s in servers if checks[s.role].type == "ec2-status"]
+        if status_ids:
+            described = self.api(
+                self.ec2,
+                "describe_instance_status",
+                InstanceIds=status_ids,
+                IncludeAllInstances=True,
+            )["InstanceStatuses"]
+            self._statuses = {st["InstanceId"]: st for st in described}
+        try:
+            return [self.verify_server(s, checks[s.role], policy) for s in servers]
+        finally:
+            self._statuses = {}
+
     def verify_server(
         self, server: Server, check: HealthCheck, policy: HygienePolicy
     ) -> HealthReport:
@@ -454,12 +473,15 @@ class AwsProvider:
 
     def _app_health(self, server: Server, check: HealthCheck) -> tuple[bool, str]:
         if check.type == "ec2-status":
-            st = self.api(
-                self.ec2,
-                "describe_instance_status",
-                InstanceIds=[server.id],
-                IncludeAllInstances=True,
-            )["InstanceStatuses"]
+            if server.id in self._statuses:
+                st = [self._statuses[server.id]]
+            else:
+                st = self.api(
+                    self.ec2,
+                    "describe_instance_status",
+                    InstanceIds=[server.id],
+                    IncludeAllInstances=True,
+                )["InstanceStatuses"]
             statuses = (
                 {st[0]["InstanceStatus"]["Status"], st[0]["SystemStatus"]["Status"]}
                 if st
@@ -587,13 +609,13 @@ class AwsProvider:
             )
             return
         arn = self._target_group(stack)
-        current = self._target_health()
-        new = [i for i in ids if i not in current or current[i] == "draining"]
+        health = self._target_health()
+        new = [i for i in ids if i not in health or health[i] == "draining"]
         if new:
             self.api(
                 self.elbv2, "register_targets", TargetGroupArn=arn, Targets=[{"Id": i} for i in new]
             )
-        health = self._target_health()
+            health = self._target_health()
         if waiting := [i for i in ids if health.get(i) != "healthy"]:
             # Old targets stay registered until every new one is healthy; the engine
             # retries this step, which re-reads and registers nothing twice.

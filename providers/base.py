@@ -72,6 +72,11 @@ class Provider(Protocol):
     ) -> HealthReport:
         """Run the health gate on one server: running, app health, host hygiene."""
 
+    def verify_servers(
+        self, servers: list[Server], checks: dict[str, HealthCheck], policy: HygienePolicy
+    ) -> list[HealthReport]:
+        """The health gate for many servers (checks by role), batching what it can."""
+
     # --- address ---------------------------------------------------------------------
     def address_capacity(self, stack: str, address: str) -> int | None:
         """How many members the address can hold: 1 for an elastic IP, None for no limit."""

@@ -23,7 +23,13 @@ from orchestrator.plan import NO_RETRY, RetryPolicy, RunContext, Step, StepResul
 
 # Address changes wait for the cloud (an ELB marks targets healthy after its checks pass,
 # typically 30 s to a few minutes), so they retry patiently rather than fail the run.
-ADDRESS_RETRY = RetryPolicy(attempts=1_000, deadline=600.0, backoff_initial=0.5, backoff_max=5.0)
+# Polls back off exponentially up to POLL_CAP: a cap bounds both the overshoot past the
+# moment a wait is over (fleet time) and the number of describe calls (API economy).
+POLL_CAP = 3.0
+DRAIN_POLL_MIN, DRAIN_POLL_MAX = 0.05, POLL_CAP  # seconds between in-flight reads while draining
+ADDRESS_RETRY = RetryPolicy(
+    attempts=1_000, deadline=600.0, backoff_initial=0.25, backoff_max=POLL_CAP
+)
 # Probes through the address per server behind it, when verifying a cutover.
 PROBES_PER_MEMBER = 3
 
@@ -96,7 +102,7 @@ class WaitRunning(Step):
     def policy(self) -> RetryPolicy:
         timeout = float(self.params.get("timeout", 120.0))
         return RetryPolicy(
-            attempts=100_000, deadline=timeout, backoff_initial=0.05, backoff_max=0.5
+            attempts=100_000, deadline=timeout, backoff_initial=0.05, backoff_max=POLL_CAP
         )
 
     def do(self, ctx: RunContext) -> StepResult:
@@ -122,23 +128,21 @@ class VerifyServers(Step):
 
     def policy(self) -> RetryPolicy:
         timeout = float(self.params.get("timeout", 120.0))
-        return RetryPolicy(attempts=10_000, deadline=timeout, backoff_initial=0.2, backoff_max=5.0)
+        return RetryPolicy(
+            attempts=10_000, deadline=timeout, backoff_initial=0.2, backoff_max=POLL_CAP
+        )
 
     def do(self, ctx: RunContext) -> StepResult:
         ids = ids_from(ctx, self.params)
         found = servers_by_id(ctx, ids)
+        failed = [f"{i}: gone" for i in ids if i not in found]
+        checks = {name: role.health for name, role in ctx.config.roles.items()}
+        batch = [found[i] for i in ids if i in found]
         reports = {}
-        failed = []
-        for server_id in ids:
-            server = found.get(server_id)
-            if server is None:
-                failed.append(f"{server_id}: gone")
-                continue
-            role = ctx.config.roles[server.role]
-            report = ctx.provider.verify_server(server, role.health, ctx.config.hygiene)
-            reports[server_id] = report.to_dict()
+        for report in ctx.provider.verify_servers(batch, checks, ctx.config.hygiene):
+            reports[report.server_id] = report.to_dict()
             if not report.passed:
-                failed.append(f"{server_id}: {'; '.join(report.reasons)}")
+                failed.append(f"{report.server_id}: {'; '.join(report.reasons)}")
         if failed:
             ctx.log.error(events.VERIFY_FAILED, failures=failed)
             raise VerificationFailed("verification failed: " + " | ".join(failed))
@@ -322,6 +326,7 @@ class RemoveMembers(Step):
     """Take servers out of the address, keeping at least min-healthy percent serving."""
 
     name = "RemoveMembers"
+    retry = ADDRESS_RETRY
 
     def do(self, ctx: RunContext) -> StepResult:
         ids = set(ids_from(ctx, self.params))
@@ -367,12 +372,15 @@ class AddMembers(Step):
         address = ctx.config.address
         current = ctx.provider.get_members(ctx.stack, address)
         new = [i for i in ids if i not in current]
-        if not new:
-            return StepResult({"added": []}, noop="servers already behind the address")
-        _guard_verified(ctx, new, self.params["verified_from"])
+        if new:
+            _guard_verified(ctx, new, self.params["verified_from"])
         capacity = ctx.provider.address_capacity(ctx.stack, address)
         members = (current + new)[-capacity:] if capacity else current + new
+        # Even with nothing new, set again: it is idempotent, and a load balancer's
+        # set_members is also where a retried step waits for its targets to be healthy.
         ctx.provider.set_members(ctx.stack, address, members)
+        if not new:
+            return StepResult({"added": []}, noop="servers already behind the address")
         return StepResult({"added": new, "previous": current})
 
     def undo(self, ctx: RunContext) -> StepResult:
@@ -395,6 +403,7 @@ class AddMembers(Step):
 def _drain(ctx: RunContext, ids: list[str]) -> None:
     timeout = ctx.config.defaults.drain_timeout
     end = ctx.clock() + timeout
+    interval = DRAIN_POLL_MIN
     while True:
         inflight = ctx.provider.inflight(ctx.stack, ctx.config.address)
         busy = {i: n for i in ids if (n := inflight.get(i, 0)) > 0}
@@ -403,7 +412,9 @@ def _drain(ctx: RunContext, ids: list[str]) -> None:
         if ctx.clock() >= end:
             raise StepFailed(f"servers did not drain within {timeout:.0f}s: {busy}")
         ctx.log.debug(events.DRAIN_WAIT, busy=busy)
-        ctx.wait(0.05)
+        # Local requests drain in milliseconds, an ELB in minutes: poll fast, then less.
+        ctx.wait(min(interval, max(end - ctx.clock(), 0.0)))
+        interval = min(interval * 2, DRAIN_POLL_MAX)
 
 
 class DrainServers(Step):

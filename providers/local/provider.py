@@ -139,6 +139,11 @@ class LocalProvider:
         return done
 
     # --- health ------------------------------------------------------------------------
+    def verify_servers(
+        self, servers: list[Server], checks: dict[str, HealthCheck], policy: HygienePolicy
+    ) -> list[HealthReport]:
+        return [self.verify_server(s, checks[s.role], policy) for s in servers]
+
     def verify_server(
         self, server: Server, check: HealthCheck, policy: HygienePolicy
     ) -> HealthReport:

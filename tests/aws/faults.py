@@ -154,7 +154,8 @@ class AwsFaults:
         elif op == "DescribeInstanceStatus":
             for st in parsed.get("InstanceStatuses", []):
                 born = self.launched.get(st["InstanceId"])
-                if born is not None and now - born < self.status_seconds:
+                # Status checks start once the instance runs, i.e. after the boot delay.
+                if born is not None and now - born < self.boot_seconds + self.status_seconds:
                     st["InstanceStatus"] = {"Status": "initializing", "Details": []}
         elif op == "DescribeTargetHealth":
             descriptions = parsed.get("TargetHealthDescriptions", [])
