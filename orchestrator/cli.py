@@ -682,6 +682,12 @@ def rehearse(ctx: typer.Context, scenario_file: Path) -> None:
     scenario = load_scenario(scenario_file)
     report = run_scenario(scenario, state_dir=settings.state_path)
     text = [f"scenario {scenario.name}: {'PASS' if report['passed'] else 'FAIL'}"]
+    if load := report.get("load"):
+        text.append(
+            f"  load: {load['sent']} requests, {load['failed']} failed, "
+            f"{load['acked_writes']} writes acknowledged, {load['writes_lost']} lost, "
+            f"{load['rate']:.0f} req/s"
+        )
     text += [
         f"  {c['check']}: {'ok' if c['ok'] else 'FAILED'} ({c['detail']})" for c in report["checks"]
     ]

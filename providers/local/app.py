@@ -5,7 +5,8 @@ where ``DIR/server.json`` (written by the local provider) says who it is::
 
     {"id", "stack", "role": "web" | "db", "generation", "run", "db_url" (web only),
      "image": {"name", "packages": {name: version}}, "package_index": path,
-     "boot_delay": seconds, "faults": {"health_fail", "hold_packages", "keep_reboot_required"}}
+     "boot_delay": seconds,
+     "faults": {"health_fail", "hold_packages", "keep_reboot_required", "die_after"}}
 
 Package state is SIMULATED. Nothing is installed on the host: the "apt repository" is the
 JSON file ``package_index`` (``{"packages": {name: {"version", "security", "reboot"}}}``)
@@ -187,6 +188,7 @@ class AppConfig:
     health_fail: bool = False
     hold_packages: frozenset[str] = frozenset()
     keep_reboot_required: bool = False
+    die_after: float | None = None  # fault: the process dies this long after it serves
 
     @classmethod
     def load(cls, path: Path) -> AppConfig:
@@ -210,6 +212,7 @@ class AppConfig:
             health_fail=bool(faults.get("health_fail", False)),
             hold_packages=frozenset(faults.get("hold_packages") or ()),
             keep_reboot_required=bool(faults.get("keep_reboot_required", False)),
+            die_after=float(faults["die_after"]) if faults.get("die_after") else None,
         )
 
 
@@ -1082,6 +1085,9 @@ def main(argv: list[str] | None = None) -> int:
         port = server.server_address[1]
         atomic_write_text(root / "port", f"{port}\n")
         _log(f"{config.id} ({config.role}, generation {config.generation}) on 127.0.0.1:{port}")
+        if config.die_after is not None:
+            # The "server dies" fault: an abrupt exit, like a crashed host, no clean shutdown.
+            threading.Timer(config.die_after, os._exit, args=(1,)).start()
         if not stopping.is_set():
             server.serve_forever(poll_interval=0.1)
     finally:

@@ -162,7 +162,7 @@ class LocalCloud:
 
         kinds: ``fail_call`` (op, error='transient'|'fatal'), ``latency`` (op, seconds),
         ``server`` (the next `times` servers created, optionally only of `role`, get
-        boot_delay / health_fail / hold_packages / keep_reboot_required).
+        boot_delay / health_fail / hold_packages / keep_reboot_required / die_after).
         """
         if kind not in ("fail_call", "latency", "server"):
             raise ValueError(f"unknown fault kind {kind!r}")
@@ -304,6 +304,7 @@ class LocalCloud:
                 "health_fail": bool(spec.get("health_fail", False)),
                 "hold_packages": list(spec.get("hold_packages", [])),
                 "keep_reboot_required": bool(spec.get("keep_reboot_required", False)),
+                "die_after": spec.get("die_after"),
             },
         }
         (root / "server.json").write_text(json.dumps(config, indent=2))
