@@ -64,6 +64,8 @@ SHUTDOWN_GRACE = 2.0
 # Idle pooled connections per member beyond this are closed, not kept.
 MAX_IDLE_PER_MEMBER = 64
 
+# After a member refuses a connection, others are preferred for this long (seconds).
+EJECT_SECONDS = 5.0
 # Request/response heads larger than this are refused (431/502).
 MAX_HEAD_BYTES = 64 * 1024
 
@@ -121,6 +123,11 @@ class ProtocolError(Exception):
 
 class BackendError(Exception):
     """The member could not produce a complete response."""
+
+
+class ConnectFailed(BackendError):
+    """The member refused the connection: the request never reached it, so another
+    member may take it, a write included (as a load balancer's passive check does)."""
 
 
 @dataclass
@@ -366,6 +373,7 @@ class Proxy:
         self.errors = 0
         self.inflight: dict[str, int] = {}
         self._rr = 0
+        self._ejected: dict[str, float] = {}  # member id -> until when it is passed over
         self._pools: dict[Member, deque[BackendConn]] = {}
         self._clients: set[asyncio.StreamWriter] = set()
         self._stopping = False
@@ -426,7 +434,7 @@ class Proxy:
                     member.host, member.port, limit=MAX_HEAD_BYTES
                 )
         except (OSError, TimeoutError) as exc:
-            raise BackendError(f"cannot connect to {member.host}:{member.port}: {exc!r}") from exc
+            raise ConnectFailed(f"cannot connect to {member.host}:{member.port}: {exc!r}") from exc
         return BackendConn(reader, writer)
 
     def _release(self, member: Member, conn: BackendConn) -> None:
@@ -552,9 +560,6 @@ class Proxy:
             )
             await writer.drain()
             return
-        member = members[self._rr % len(members)]
-        self._rr += 1
-
         method, target = head.start[0], head.start[1]
         lines = [f"{method} {target} HTTP/1.1"]
         lines += [f"{k}: {v}" for k, v in head.forwardable_headers()]
@@ -563,23 +568,31 @@ class Proxy:
         lines.append(f"X-Forwarded-For: {client_ip}")
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
-        self.inflight[member.id] = self.inflight.get(member.id, 0) + 1
-        try:
+        tried: set[str] = set()
+        while True:
+            member = self._pick(members, tried)
+            self.inflight[member.id] = self.inflight.get(member.id, 0) + 1
             try:
                 response = await self.exchange(member, request, method)
-            except BackendError as exc:
-                _log(f"502 {method} {target} via {member.id}: {exc}")
-                self._count_error(502)
-                writer.write(
-                    _json_response(
-                        502,
-                        {"error": f"member {member.id} failed: {exc}"},
-                        keep_alive=keep_alive,
-                        extra=[(BACKEND_HEADER, member.id)],
-                    )
+            except ConnectFailed as exc:
+                self._done(member)
+                self._ejected[member.id] = time.monotonic() + EJECT_SECONDS
+                tried.add(member.id)
+                if len(tried) < len(members):
+                    _log(f"{member.id} refused {method} {target}; trying another member")
+                    continue
+                await self._bad_gateway(
+                    writer, member, exc, request_line=f"{method} {target}", keep_alive=keep_alive
                 )
-                await writer.drain()
                 return
+            except BackendError as exc:
+                self._done(member)
+                await self._bad_gateway(
+                    writer, member, exc, request_line=f"{method} {target}", keep_alive=keep_alive
+                )
+                return
+            break
+        try:
             out = [f"HTTP/1.1 {response.status} {response.reason}"]
             drop = _HOP_BY_HOP if response.has_body else _HOP_BY_HOP - {"content-length"}
             out += [f"{k}: {v}" for k, v in response.headers if k.lower() not in drop]
@@ -591,11 +604,45 @@ class Proxy:
             writer.write(("\r\n".join(out) + "\r\n\r\n").encode("latin-1") + response.body)
             await writer.drain()
         finally:
-            left = self.inflight.get(member.id, 1) - 1
-            if left > 0:
-                self.inflight[member.id] = left
-            else:
-                self.inflight.pop(member.id, None)
+            self._done(member)
+
+    def _pick(self, members: list[Member], tried: set[str]) -> Member:
+        """Round robin over members not tried for this request, preferring those that have
+        not refused a connection lately."""
+        now = time.monotonic()
+        fresh = [m for m in members if m.id not in tried]
+        healthy = [m for m in fresh if self._ejected.get(m.id, 0.0) <= now] or fresh
+        member = healthy[self._rr % len(healthy)]
+        self._rr += 1
+        return member
+
+    def _done(self, member: Member) -> None:
+        left = self.inflight.get(member.id, 1) - 1
+        if left > 0:
+            self.inflight[member.id] = left
+        else:
+            self.inflight.pop(member.id, None)
+
+    async def _bad_gateway(
+        self,
+        writer: asyncio.StreamWriter,
+        member: Member,
+        exc: BackendError,
+        *,
+        request_line: str,
+        keep_alive: bool,
+    ) -> None:
+        _log(f"502 {request_line} via {member.id}: {exc}")
+        self._count_error(502)
+        writer.write(
+            _json_response(
+                502,
+                {"error": f"member {member.id} failed: {exc}"},
+                keep_alive=keep_alive,
+                extra=[(BACKEND_HEADER, member.id)],
+            )
+        )
+        await writer.drain()
 
     # -- control port --------------------------------------------------------------------
 

@@ -258,3 +258,23 @@ def test_connection_close_and_chunked_requests(runtime: Runtime) -> None:
     assert b'"web-a"' in body
     chunked = b"POST /items HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
     assert _raw_exchange(proxy.port, chunked).startswith(b"HTTP/1.1 501 ")
+
+
+def test_a_refused_connection_is_passed_to_another_member(runtime: Runtime) -> None:
+    """A member that refuses connections (its process died) gets no request: each one,
+    writes included, goes to a live member instead, since the dead one never saw it."""
+    live = runtime.start_app("web-live")
+    proxy = runtime.start_proxy()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    body = {
+        "members": [
+            {"id": "dead", "host": "127.0.0.1", "port": dead_port},
+            {"id": "live", "host": "127.0.0.1", "port": live.port},
+        ]
+    }
+    assert http_json(proxy.control_port, "PUT", "/members", body)[0] == 200
+    answered = [http_json(proxy.port, "GET", "/health") for _ in range(6)]
+    assert [(s, h["x-changeover-backend"]) for s, _, h in answered] == [(200, "live")] * 6
+    assert http_json(proxy.control_port, "GET", "/stats")[1]["errors"] == 0
