@@ -7,6 +7,7 @@ the same code as a real run, then stops before the engine.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from orchestrator.errors import PreconditionFailed
 from orchestrator.models import Server
@@ -14,7 +15,7 @@ from orchestrator.settings import StackConfig
 from providers.base import Provider
 
 
-@dataclass(frozen=True)
+@dataclass
 class StackView:
     """The servers of a stack, what its address routes to, and its serving generation."""
 
@@ -23,10 +24,10 @@ class StackView:
     servers: list[Server]
     members: list[str]
 
-    @property
+    @cached_property
     def generation(self) -> int:
-        serving = [s.generation for s in self.servers if s.id in self.members]
-        return max(serving, default=0)
+        members = set(self.members)  # a set: stacks may hold thousands of servers
+        return max((s.generation for s in self.servers if s.id in members), default=0)
 
     @property
     def next_generation(self) -> int:

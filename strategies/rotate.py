@@ -45,7 +45,8 @@ def plan_rotate(
     gen = view.next_generation
     db = view.data_server
     role = config.serving_roles[0]
-    serving = [s for s in view.role(role) if s.id in view.members]
+    members = set(view.members)
+    serving = [s for s in view.role(role) if s.id in members]
 
     chosen = serving
     reasons: dict[str, str] = {}
