@@ -20,6 +20,21 @@ STACK = "shop"
 DATA_DEVICE = "/dev/xvdf"
 
 
+def attach_data_volume(ec2: Any, instance: str, stack: str, device: str, size: int) -> str:
+    """Give a first-generation db its data volume, tagged for the stack (out of band)."""
+    reservation = ec2.describe_instances(InstanceIds=[instance])["Reservations"][0]
+    zone = reservation["Instances"][0]["Placement"]["AvailabilityZone"]
+    vol: str = ec2.create_volume(
+        Size=size,
+        AvailabilityZone=zone,
+        TagSpecifications=[
+            {"ResourceType": "volume", "Tags": [{"Key": TAG_STACK, "Value": stack}]}
+        ],
+    )["VolumeId"]
+    ec2.attach_volume(VolumeId=vol, InstanceId=instance, Device=device)
+    return vol
+
+
 def session() -> Any:
     return boto3.Session(region_name=REGION, **CREDS)
 
@@ -135,18 +150,7 @@ class AwsWorld:
             )
             made[role] = [s.id for s in servers]
         for db in made.get("db", []):
-            zone = self.ec2.describe_instances(InstanceIds=[db])["Reservations"][0]["Instances"][0][
-                "Placement"
-            ]["AvailabilityZone"]
-            vol = self.ec2.create_volume(
-                Size=20,
-                AvailabilityZone=zone,
-                TagSpecifications=[
-                    {"ResourceType": "volume", "Tags": [{"Key": TAG_STACK, "Value": self.stack}]}
-                ],
-            )["VolumeId"]
-            self.ec2.attach_volume(VolumeId=vol, InstanceId=db, Device=DATA_DEVICE)
-            made["db_volume"] = [vol]
+            made["db_volume"] = [attach_data_volume(self.ec2, db, self.stack, DATA_DEVICE, 20)]
         provider.set_members(
             self.stack,
             config.address,

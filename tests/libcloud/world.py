@@ -22,6 +22,7 @@ from orchestrator.models import TAG_STACK
 from orchestrator.settings import StackConfig
 from providers.libcloud_data import TAG_DATA_OF
 from providers.libcloud_provider import LibcloudProvider, make_libcloud_provider
+from tests.aws.world import attach_data_volume
 from tests.libcloud.fakes import FakeApps, RecordedTransport
 from tests.libcloud.moto_shims import shim
 
@@ -183,17 +184,7 @@ class Ec2World:
             )
             made[role] = [s.id for s in servers]
         for db in made.get("db", []):
-            zone = self.ec2.describe_instances(InstanceIds=[db])["Reservations"][0]["Instances"][0][
-                "Placement"
-            ]["AvailabilityZone"]
-            vol = self.ec2.create_volume(
-                Size=8,
-                AvailabilityZone=zone,
-                TagSpecifications=[
-                    {"ResourceType": "volume", "Tags": [{"Key": TAG_STACK, "Value": self.stack}]}
-                ],
-            )["VolumeId"]
-            self.ec2.attach_volume(VolumeId=vol, InstanceId=db, Device=DEVICE)
+            vol = attach_data_volume(self.ec2, db, self.stack, DEVICE, 8)
             made.setdefault("volumes", []).append(vol)
         provider.set_members(self.stack, config.address, made["web"][:1])
         return made
