@@ -174,7 +174,16 @@ Table = tuple[str, list[str], list[list[Any]]]  # title, columns, rows
 def _emit(
     settings: Settings, data: dict[str, Any], text: str, table: Table | list[Table] | None = None
 ) -> None:
-    """JSON with --output json; rich tables on a terminal; plain text otherwise."""
+    """JSON with --output json; rich tables on a terminal; plain text otherwise.
+    Whatever the form, secrets are masked first (I9)."""
+    from orchestrator.redact import redact, redact_text
+
+    data, text = redact(data, stringify=True), redact_text(text)
+    if table is not None:
+        table = [
+            (redact_text(title), columns, redact(rows, stringify=True))
+            for title, columns, rows in (table if isinstance(table, list) else [table])
+        ]
     if settings.output == "json":
         sys.stdout.write(json.dumps(data, default=str) + "\n")
     elif table is not None and sys.stdout.isatty():
@@ -753,7 +762,9 @@ def main() -> None:
     try:
         app()  # standalone: typer prints usage errors itself and exits 2
     except ChangeoverError as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        from orchestrator.redact import redact_text
+
+        sys.stderr.write(f"error: {redact_text(str(exc))}\n")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; `changeover status` shows where the run stopped\n")

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
+import stat
 from pathlib import Path
+
+DB_NAME = "changeover.db"
+DIR_MODE = 0o700  # the journal, the lock and the local cloud's files: the owner's only
+FILE_MODE = 0o600
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -64,14 +71,43 @@ CREATE INDEX IF NOT EXISTS component_versions_server
 """
 
 
+def secure_state_dir(state_dir: Path) -> Path:
+    """Create the state dir 0700, or tighten an existing one of ours that is open to the
+    group or others (an older changeover made it 0755). One owned by someone else is
+    left alone: chmod would fail, and it is not ours to change."""
+    state_dir.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    st = state_dir.stat()
+    if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077:
+        with contextlib.suppress(PermissionError):
+            state_dir.chmod(DIR_MODE)
+    return state_dir
+
+
+def _owner_only(path: Path) -> None:
+    """0600 for a file of ours (SQLite creates files 0644 under the usual umask)."""
+    with contextlib.suppress(FileNotFoundError, PermissionError):
+        if stat.S_IMODE(path.stat().st_mode) != FILE_MODE:
+            path.chmod(FILE_MODE)
+
+
 def connect(state_dir: Path) -> sqlite3.Connection:
-    """Open (and create) the state database. Autocommit; callers open transactions."""
-    state_dir.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(
-        state_dir / "changeover.db", timeout=30.0, isolation_level=None, check_same_thread=False
-    )
+    """Open (and create) the state database. Autocommit; callers open transactions.
+
+    The state dir is 0700 and the database files 0600. The -wal and -shm files SQLite
+    creates take the main file's mode, which is made 0600 before WAL mode is switched on.
+    """
+    secure_state_dir(state_dir)
+    path = state_dir / DB_NAME
+    if not path.exists():
+        # Create it empty and owner-only first: no moment where another user can open it.
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, FILE_MODE)
+        os.close(fd)
+    _owner_only(path)
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")  # a journal entry must survive a power cut
     conn.executescript(SCHEMA)
+    for suffix in ("-wal", "-shm"):  # made by an older changeover, or under another umask
+        _owner_only(path.with_name(DB_NAME + suffix))
     return conn

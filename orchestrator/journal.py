@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.lock import Lease, LeaseLock
+from orchestrator.redact import redact, redact_text
 
 # A dirty run still holds its stack: an operator fixes the cause and rolls it back again.
 UNFINISHED = ("running", "rolling_back", "dirty")
@@ -63,6 +64,11 @@ class RunRecord:
         return self.status not in UNFINISHED
 
 
+def _dumps(value: Any) -> str:
+    """JSON for the journal, secrets masked (I9)."""
+    return json.dumps(redact(value))
+
+
 class Journal:
     """Read and write runs and steps."""
 
@@ -90,7 +96,7 @@ class Journal:
             self.conn.execute(
                 "INSERT INTO runs (id, strategy, stack, status, created_at, updated_at, "
                 "plan_json) VALUES (?,?,?,?,?,?,?)",
-                (run_id, plan["strategy"], plan["stack"], "running", now, now, json.dumps(plan)),
+                (run_id, plan["strategy"], plan["stack"], "running", now, now, _dumps(plan)),
             )
             for idx, step in enumerate(plan["steps"]):
                 self.conn.execute(
@@ -119,8 +125,8 @@ class Journal:
             (
                 status,
                 outcome,
-                json.dumps(result) if result is not None else None,
-                error,
+                _dumps(result) if result is not None else None,
+                redact_text(error) if error else error,
                 time.time(),
                 run_id,
             ),
@@ -149,7 +155,7 @@ class Journal:
             lease,
             "UPDATE steps SET state='done', ended_at=?, outputs_json=?, noop=?, "
             "attempts=attempts+? WHERE run_id=? AND idx=?",
-            (time.time(), json.dumps(outputs), noop, tries, run_id, idx),
+            (time.time(), _dumps(outputs), noop, tries, run_id, idx),
         )
 
     def step_failed(self, run_id: str, idx: int, lease: Lease, error: str, tries: int = 1) -> None:
@@ -157,7 +163,7 @@ class Journal:
             lease,
             "UPDATE steps SET state='failed', ended_at=?, error=?, attempts=attempts+? "
             "WHERE run_id=? AND idx=?",
-            (time.time(), error, tries, run_id, idx),
+            (time.time(), redact_text(error), tries, run_id, idx),
         )
 
     def undo_state(
@@ -166,7 +172,7 @@ class Journal:
         self._fenced(
             lease,
             "UPDATE steps SET undo_state=?, undo_error=? WHERE run_id=? AND idx=?",
-            (state, error, run_id, idx),
+            (state, redact_text(error) if error else error, run_id, idx),
         )
 
     # --- reads -----------------------------------------------------------------------

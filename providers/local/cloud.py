@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.db import secure_state_dir
 from orchestrator.models import (
     TAG_GENERATION,
     TAG_ROLE,
@@ -100,6 +101,7 @@ class LocalCloud:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir.expanduser()
         self.root = self.state_dir / "local"
+        secure_state_dir(self.state_dir)  # 0700: the cloud's files are the owner's only
         self.root.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         with self._db() as db:
