@@ -134,7 +134,9 @@ class World:
     def members(self) -> list[str]:
         info = self.cloud.address(self.stack, self.config.address)
         assert info is not None
-        return [m["id"] for m in request(info.control_port, "GET", "/members")[1]["members"]]
+        token = self.cloud.control_token
+        members = request(info.control_port, "GET", "/members", token=token)[1]["members"]
+        return [m["id"] for m in members]
 
     def live_servers(self) -> dict[str, dict[str, Any]]:
         """Registered servers whose process is alive, by id."""
@@ -175,7 +177,8 @@ class World:
             after = int(page[-1][0])
 
     def db_mode(self, server_id: str) -> str:
-        return str(request(self.db_port(server_id), "GET", "/admin/mode")[1]["mode"])
+        port = self.db_port(server_id)
+        return str(request(port, "GET", "/admin/mode", token=self.cloud.control_token)[1]["mode"])
 
     def load(self, rate: float = 250.0, connections: int = 4, **kw: Any) -> LoadGenerator:
         return LoadGenerator(

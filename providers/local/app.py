@@ -5,7 +5,7 @@ where ``DIR/server.json`` (written by the local provider) says who it is::
 
     {"id", "stack", "role": "web" | "db", "generation", "run", "db_url" (web only),
      "image": {"name", "packages": {name: version}}, "package_index": path,
-     "boot_delay": seconds,
+     "boot_delay": seconds, "control_token_file": path,
      "faults": {"health_fail", "hold_packages", "keep_reboot_required", "die_after"}}
 
 Package state is SIMULATED. Nothing is installed on the host: the "apt repository" is the
@@ -20,12 +20,18 @@ same DIR are reboots of the same host: no upgrade, ``boot_count`` + 1, ``/var/ru
 The server is ready once ``DIR/port`` exists (written atomically after binding
 127.0.0.1:0). ``DIR/pid`` is written first thing. SIGTERM shuts it down cleanly.
 
-HTTP API (JSON bodies, HTTP/1.1 keep-alive, Content-Length always set):
+HTTP API (JSON bodies, HTTP/1.1 keep-alive, Content-Length always set). The control
+endpoints, ``/admin/*`` and ``/db/load`` (it writes past the write gate), require the
+cloud's control token (read at boot from ``control_token_file``) in the
+``X-Changeover-Token`` header and answer 403 without it; a server configured without a
+token file refuses them all.
 
 every role
     ``GET /`` ``GET /health`` (503 with the health_fail fault) ``GET /facts``
     ``POST /admin/set-package {"name", "version"}`` (a manual change; null removes)
-    ``POST /admin/fault {"health_fail": bool}``
+    ``POST /admin/fault {"health_fail": bool, "write_delay": seconds, "exit_after_commit":
+    bool}`` (for tests: a db write waits ``write_delay`` once admitted, before it commits;
+    ``exit_after_commit`` kills the process right after a write commits, unanswered)
 web
     ``POST /items {"payload"}`` -> 201 once the db acknowledged, 502 on any db error
     ``GET /items/<id>``
@@ -65,6 +71,7 @@ from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 from providers.local.daemon import atomic_write_text
+from providers.local.http import TOKEN_HEADER, TokenError, read_token, token_ok
 
 __all__ = [
     "App",
@@ -189,6 +196,7 @@ class AppConfig:
     hold_packages: frozenset[str] = frozenset()
     keep_reboot_required: bool = False
     die_after: float | None = None  # fault: the process dies this long after it serves
+    control_token_file: Path | None = None
 
     @classmethod
     def load(cls, path: Path) -> AppConfig:
@@ -213,6 +221,9 @@ class AppConfig:
             hold_packages=frozenset(faults.get("hold_packages") or ()),
             keep_reboot_required=bool(faults.get("keep_reboot_required", False)),
             die_after=float(faults["die_after"]) if faults.get("die_after") else None,
+            control_token_file=(
+                Path(raw["control_token_file"]) if raw.get("control_token_file") else None
+            ),
         )
 
 
@@ -645,6 +656,10 @@ class App:
         self.config = config
         self.packages = PackageState(root, config)
         self.health_fail = config.health_fail
+        self.write_delay = 0.0
+        self.exit_after_commit = False
+        # Read once at start: a missing or world-readable token file stops the boot.
+        self.token = read_token(config.control_token_file) if config.control_token_file else None
         self.booted_at = 0.0
         self.db: Database | None = None
         self.gate: WriteGate | None = None
@@ -676,6 +691,8 @@ class App:
     def handle(self, req: Request) -> tuple[int, dict[str, Any]]:
         """Answer one request with (status, JSON body)."""
         method, path = req.method, req.path
+        if _is_control(path) and not token_ok(self.token, req.headers.get(TOKEN_HEADER.lower())):
+            raise HttpError(403, f"{path} requires a valid {TOKEN_HEADER} header")
         if method == "GET":
             if path == "/":
                 return 200, self._identity()
@@ -768,7 +785,28 @@ class App:
             if not isinstance(body["health_fail"], bool):
                 raise HttpError(400, "'health_fail' must be a boolean")
             self.health_fail = body["health_fail"]
-        return 200, {"faults": {"health_fail": self.health_fail}}
+        if "write_delay" in body:
+            delay = body["write_delay"]
+            if (
+                not isinstance(delay, (int, float))
+                or isinstance(delay, bool)
+                or not (0 <= delay <= HOLD_TIMEOUT)
+            ):
+                raise HttpError(
+                    400, f"'write_delay' must be a number of seconds in 0..{HOLD_TIMEOUT}"
+                )
+            self.write_delay = float(delay)
+        if "exit_after_commit" in body:
+            if not isinstance(body["exit_after_commit"], bool):
+                raise HttpError(400, "'exit_after_commit' must be a boolean")
+            self.exit_after_commit = body["exit_after_commit"]
+        return 200, {
+            "faults": {
+                "health_fail": self.health_fail,
+                "write_delay": self.write_delay,
+                "exit_after_commit": self.exit_after_commit,
+            }
+        }
 
     # -- web role ------------------------------------------------------------------------
 
@@ -826,7 +864,12 @@ class App:
             hops = 0
         with self._gate().admit(HOLD_TIMEOUT) as (mode, forward_url):
             if mode == "normal":
+                if self.write_delay > 0:
+                    time.sleep(self.write_delay)  # the write_delay fault: in flight, not committed
                 row_id = self._database().insert(payload)
+                if self.exit_after_commit:
+                    _log(f"exit_after_commit fault: dying with write {row_id} unanswered")
+                    os._exit(1)
                 return 201, {"id": row_id, "payload": payload}
             if forward_url is None:  # pragma: no cover - set_mode guarantees a url
                 raise HttpError(503, "forward mode without a url")
@@ -912,6 +955,11 @@ class App:
         with gate.cond:
             gate.set_mode("normal")
         return 200, gate.snapshot()
+
+
+def _is_control(path: str) -> bool:
+    """Endpoints that change how the server behaves, or write past its write gate."""
+    return path.startswith("/admin/") or path == "/db/load"
 
 
 def _split_forward_url(url: str) -> tuple[str, str]:
@@ -1076,7 +1124,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     config = AppConfig.load(root / "server.json")
-    app = App(root, config)
+    try:
+        app = App(root, config)
+    except TokenError as exc:
+        _log(f"{config.id} cannot start: {exc}")
+        return 1
     if config.boot_delay > 0:
         time.sleep(config.boot_delay)
     app.boot()

@@ -9,6 +9,11 @@ as SQLite, so a test, a scenario and a separate changeover process all see one c
 Package state is SIMULATED: an image is a package manifest, a package index file plays
 the apt repository, and a fresh server "upgrades" to the index's latest versions at
 boot (see providers/local/app.py).
+
+Control: every cloud has a random token in ``STATE_DIR/local/control-token`` (0600),
+created with the cloud (or on the first use of an older state dir that lacks one). Its
+servers and proxies read it from that path at start and require it on every control
+endpoint (see providers/local/http.py); only the path is on their command lines.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from orchestrator.models import (
     ServerState,
 )
 from providers.local.daemon import kill_pid, pid_alive, spawn_detached
+from providers.local.http import TOKEN_FILE, ensure_token
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS servers (
@@ -109,6 +115,12 @@ class LocalCloud:
         index = self.root / "package-index.json"
         if not index.exists():
             self.write_package_index(DEFAULT_INDEX)
+        self.control_token = ensure_token(self.token_path)
+
+    @property
+    def token_path(self) -> Path:
+        """The 0600 file holding this cloud's control token."""
+        return self.root / TOKEN_FILE
 
     # --- storage -------------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
@@ -302,6 +314,7 @@ class LocalCloud:
             "image": {"name": image, "packages": IMAGES.get(image, IMAGES["debian-12-base"])},
             "package_index": str(self.package_index_path),
             "boot_delay": float(spec.get("boot_delay", 0.0)),
+            "control_token_file": str(self.token_path),
             "faults": {
                 "health_fail": bool(spec.get("health_fail", False)),
                 "hold_packages": list(spec.get("hold_packages", [])),
@@ -374,6 +387,8 @@ class LocalCloud:
                 str(root),
                 "--port",
                 str(port),
+                "--token-file",
+                str(self.token_path),
             ],
             log_path=root / "proxy.log",
             cwd=_import_root(),

@@ -44,6 +44,11 @@ class LocalProvider:
         self.calls: Counter[str] = Counter()
 
     @property
+    def token(self) -> str:
+        """The cloud's control token, sent to every control endpoint."""
+        return self.cloud.control_token
+
+    @property
     def api_calls(self) -> Counter[str]:
         return self.calls  # the local cloud's API is the Protocol itself
 
@@ -199,7 +204,7 @@ class LocalProvider:
         self._call("get_members", address)
         info = self._address(stack, address)
         try:
-            _, data, _ = request(info.control_port, "GET", "/members")
+            _, data, _ = request(info.control_port, "GET", "/members", token=self.token)
         except HttpError as exc:
             raise TransientError(str(exc)) from exc
         return [m["id"] for m in data.get("members", [])]
@@ -212,7 +217,7 @@ class LocalProvider:
             port = self._port(stack, server_id)
             members.append(Member(server_id, "127.0.0.1", port).__dict__)
         try:
-            request(info.control_port, "PUT", "/members", {"members": members})
+            request(info.control_port, "PUT", "/members", {"members": members}, token=self.token)
         except HttpError as exc:
             raise TransientError(str(exc)) from exc
 
@@ -220,7 +225,7 @@ class LocalProvider:
         self._call("inflight", address)
         info = self._address(stack, address)
         try:
-            _, data, _ = request(info.control_port, "GET", "/stats")
+            _, data, _ = request(info.control_port, "GET", "/stats", token=self.token)
         except HttpError as exc:
             raise TransientError(str(exc)) from exc
         return {k: int(v) for k, v in data.get("inflight", {}).items()}
@@ -240,7 +245,7 @@ class LocalProvider:
     ) -> dict[str, Any]:
         port = self._port(stack, server_id)
         try:
-            return request(port, method, path, body, timeout=70.0)[1]
+            return request(port, method, path, body, timeout=70.0, token=self.token)[1]
         except HttpError as exc:
             if exc.status is not None and exc.status < 500:
                 raise StepFailed(str(exc)) from exc
@@ -304,12 +309,44 @@ class LocalProvider:
         return self._data_request(stack, src_id, "POST", "/admin/forward", {"url": url})
 
     def data_switch_back(self, stack: str, src_id: str, dst_id: str) -> dict[str, Any]:
+        """Make the old db (src) the one that takes writes again, losing none that the new
+        db (dst) acknowledged, even one from a new web server still in flight.
+
+        1. hold src and wait until no write is in flight there (forwarded ones included);
+        2. hold dst and wait until nothing is in flight there (new web servers write to
+           dst directly);
+        3. copy back every row dst has that src lacks, then check row count and checksum
+           (DataMismatch if they differ: both stay held, nothing is lost);
+        4. make dst forward to src: a write that still reaches dst (held there, or late)
+           lands on src, not on a db about to be destroyed;
+        5. release src.
+
+        Idempotent: re-run after a kill at any point, it reads the modes first. Once dst
+        forwards to src, steps 2-4 are done (dst takes no write of its own any more).
+        """
         self._call("data_switch_back", f"{src_id}<-{dst_id}")
-        # Hold first, so no forwarded write is in flight while we copy back.
+        src_url = f"http://127.0.0.1:{self._port(stack, src_id)}"
+        src_mode = self._data_request(stack, src_id, "GET", "/admin/mode")
+        dst_mode = self._data_request(stack, dst_id, "GET", "/admin/mode")
+        dst_done = dst_mode.get("mode") == "forward" and dst_mode.get("forward_url") == src_url
+        if dst_done and src_mode.get("mode") == "normal":
+            return {"copied_back": 0, "already": "switched back"}
         self._data_request(stack, src_id, "POST", "/admin/freeze")
-        copied = self._copy(stack, dst_id, src_id)
+        copied = 0
+        if not dst_done:
+            self._data_request(stack, dst_id, "POST", "/admin/freeze")
+            copied = self._copy(stack, dst_id, src_id)
+        old = self.data_summary(stack, src_id)
+        new = self.data_summary(stack, dst_id)
+        if (old.count, old.checksum) != (new.count, new.checksum):
+            raise DataMismatch(
+                f"switch-back mismatch: old has {old.count} rows ({old.checksum[:12]}), "
+                f"new has {new.count} rows ({new.checksum[:12]}); writes stay held on both"
+            )
+        if not dst_done:
+            self._data_request(stack, dst_id, "POST", "/admin/forward", {"url": src_url})
         self._data_request(stack, src_id, "POST", "/admin/unfreeze")
-        return {"copied_back": copied}
+        return {"copied_back": copied, "rows": old.count, "checksum": old.checksum}
 
 
 # The demo db's own words for its write modes, in the Protocol's terms.

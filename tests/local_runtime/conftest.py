@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from providers.local.daemon import kill_pid, pid_alive, spawn_detached
+from providers.local.http import TOKEN_HEADER, ensure_token
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,12 +44,17 @@ def http_json(
     *,
     timeout: float = 10.0,
     raw: bytes | None = None,
+    token: str | None = None,
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """One request on a fresh connection: (status, JSON body, headers)."""
+    """One request on a fresh connection: (status, JSON body, headers).
+
+    ``token`` goes in the control token header (control endpoints require it)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         data = raw if raw is not None else None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if data is not None else {}
+        if token is not None:
+            headers[TOKEN_HEADER] = token
         conn.request(method, path, body=data, headers=headers)
         resp = conn.getresponse()
         payload = resp.read()
@@ -91,6 +97,7 @@ class AppProc:
     root: Path
     pid: int
     port: int
+    token: str
 
     @property
     def url(self) -> str:
@@ -106,6 +113,7 @@ class ProxyProc:
     pid: int
     port: int
     control_port: int
+    token: str
 
 
 @dataclass
@@ -114,6 +122,16 @@ class Runtime:
 
     root: Path
     pids: list[int] = field(default_factory=list)
+
+    @property
+    def token_path(self) -> Path:
+        """The control token file every process of this runtime reads (0600)."""
+        return self.root / "control-token"
+
+    @property
+    def token(self) -> str:
+        """The control token (created on first use)."""
+        return ensure_token(self.token_path)
 
     @property
     def index_path(self) -> Path:
@@ -165,6 +183,7 @@ class Runtime:
             "image": {"name": "debian-12-base", "packages": packages or IMAGE_PACKAGES},
             "package_index": str(self.index_path),
             "boot_delay": 0.0,
+            "control_token_file": str(self.token_path),
             "faults": {
                 "health_fail": False,
                 "hold_packages": [],
@@ -180,9 +199,10 @@ class Runtime:
         argv = [sys.executable, "-m", "providers.local.app", "--root", str(root)]
         # A previous run's port file would make us think the new process is ready.
         (root / "port").unlink(missing_ok=True)
+        token = self.token
         pid = self.spawn(argv, root / "process.log")
         self._wait_ready(root, pid, ("port",))
-        return AppProc(root, pid, int((root / "port").read_text()))
+        return AppProc(root, pid, int((root / "port").read_text()), token)
 
     def start_proxy(self, name: str = "address", port: int = 0) -> ProxyProc:
         """Start (or restart) the proxy rooted at ``name``; returns once it listens."""
@@ -196,7 +216,10 @@ class Runtime:
             str(root),
             "--port",
             str(port),
+            "--token-file",
+            str(self.token_path),
         ]
+        token = self.token
         for stale in ("port", "control_port"):
             (root / stale).unlink(missing_ok=True)
         pid = self.spawn(argv, root / "process.log")
@@ -206,6 +229,7 @@ class Runtime:
             pid,
             int((root / "port").read_text()),
             int((root / "control_port").read_text()),
+            token,
         )
 
     def set_members(self, proxy: ProxyProc, members: dict[str, AppProc]) -> dict[str, Any]:
@@ -215,7 +239,7 @@ class Runtime:
                 {"id": mid, "host": "127.0.0.1", "port": app.port} for mid, app in members.items()
             ]
         }
-        status, state, _ = http_json(proxy.control_port, "PUT", "/members", body)
+        status, state, _ = http_json(proxy.control_port, "PUT", "/members", body, token=proxy.token)
         assert status == 200, state
         return state
 

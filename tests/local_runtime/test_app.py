@@ -33,7 +33,7 @@ def _wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def _mode(db: AppProc) -> dict[str, Any]:
-    status, body, _ = http_json(db.port, "GET", "/admin/mode")
+    status, body, _ = http_json(db.port, "GET", "/admin/mode", token=db.token)
     assert status == 200
     return body
 
@@ -96,7 +96,11 @@ def test_facts_are_computed_at_request_time(runtime: Runtime) -> None:
     assert facts["reboot_required"] is True
 
     status, _, _ = http_json(
-        app.port, "POST", "/admin/set-package", {"name": "nginx", "version": "1.22.1-10"}
+        app.port,
+        "POST",
+        "/admin/set-package",
+        {"name": "nginx", "version": "1.22.1-10"},
+        token=runtime.token,
     )
     assert status == 200
     _, facts, _ = http_json(app.port, "GET", "/facts")
@@ -111,11 +115,14 @@ def test_health_fail_fault_answers_503_and_can_be_toggled(runtime: Runtime) -> N
     app = runtime.start_app("srv-1", faults={"health_fail": True})
     status, body, _ = http_json(app.port, "GET", "/health")
     assert (status, body["ok"], body["id"]) == (503, False, "srv-1")
-    assert http_json(app.port, "POST", "/admin/fault", {"health_fail": False})[0] == 200
+    assert (
+        http_json(app.port, "POST", "/admin/fault", {"health_fail": False}, token=runtime.token)[0]
+        == 200
+    )
     status, body, _ = http_json(app.port, "GET", "/health")
     assert status == 200
     assert body == {"ok": True, "id": "srv-1", "role": "web", "generation": 1}
-    http_json(app.port, "POST", "/admin/fault", {"health_fail": True})
+    http_json(app.port, "POST", "/admin/fault", {"health_fail": True}, token=runtime.token)
     assert http_json(app.port, "GET", "/health")[0] == 503
 
 
@@ -177,15 +184,17 @@ def test_freeze_holds_write_until_forward_then_it_lands_in_other_db(runtime: Run
     new = runtime.start_app("db-new", "db")
     web = runtime.start_app("web-1", "web", db_url=old.url)
     assert http_json(web.port, "POST", "/items", {"payload": "before"})[0] == 201
-    http_json(new.port, "POST", "/db/load", {"rows": [[1, "before"]]})
+    http_json(new.port, "POST", "/db/load", {"rows": [[1, "before"]]}, token=runtime.token)
 
-    status, frozen, _ = http_json(old.port, "POST", "/admin/freeze")
+    status, frozen, _ = http_json(old.port, "POST", "/admin/freeze", token=runtime.token)
     assert (status, frozen["mode"], frozen["max_id"]) == (200, "hold", 1)
     thread, out = _in_thread(lambda: http_json(web.port, "POST", "/items", {"payload": "during"}))
     _wait_for(lambda: _mode(old)["held"] == 1)
     assert not out
 
-    status, mode, _ = http_json(old.port, "POST", "/admin/forward", {"url": new.url})
+    status, mode, _ = http_json(
+        old.port, "POST", "/admin/forward", {"url": new.url}, token=runtime.token
+    )
     assert (status, mode["mode"]) == (200, "forward")
     thread.join(10)
     status, body, _ = out[0]
@@ -199,19 +208,21 @@ def test_freeze_waits_for_inflight_writes(runtime: Runtime) -> None:
     old = runtime.start_app("db-old", "db")
     new = runtime.start_app("db-new", "db")
     # Make a write that stays in flight on `old`: forwarded to `new`, which holds it.
-    http_json(old.port, "POST", "/admin/forward", {"url": new.url})
-    http_json(new.port, "POST", "/admin/freeze")
+    http_json(old.port, "POST", "/admin/forward", {"url": new.url}, token=runtime.token)
+    http_json(new.port, "POST", "/admin/freeze", token=runtime.token)
     write, write_out = _in_thread(
         lambda: http_json(old.port, "POST", "/db/items", {"payload": "x"})
     )
     _wait_for(lambda: _mode(old)["inflight"] == 1 and _mode(new)["held"] == 1)
 
-    freeze, freeze_out = _in_thread(lambda: http_json(old.port, "POST", "/admin/freeze"))
+    freeze, freeze_out = _in_thread(
+        lambda: http_json(old.port, "POST", "/admin/freeze", token=runtime.token)
+    )
     time.sleep(0.3)
     assert freeze_out == []  # still waiting for the in-flight write
     assert _mode(old)["mode"] == "hold"
 
-    http_json(new.port, "POST", "/admin/unfreeze")
+    http_json(new.port, "POST", "/admin/unfreeze", token=runtime.token)
     write.join(10)
     freeze.join(10)
     assert write_out[0][0] == 201
@@ -223,14 +234,14 @@ def test_freeze_waits_for_inflight_writes(runtime: Runtime) -> None:
 def test_unfreeze_releases_held_writes_locally(runtime: Runtime) -> None:
     """Held writes are inserted locally when the db is unfrozen instead of forwarded."""
     db = runtime.start_app("db-1", "db")
-    http_json(db.port, "POST", "/admin/freeze")
+    http_json(db.port, "POST", "/admin/freeze", token=runtime.token)
     threads = [
         _in_thread(partial(http_json, db.port, "POST", "/db/items", {"payload": f"h{i}"}))
         for i in range(3)
     ]
     _wait_for(lambda: _mode(db)["held"] == 3)
     assert http_json(db.port, "GET", "/db/summary")[1]["count"] == 0
-    status, mode, _ = http_json(db.port, "POST", "/admin/unfreeze")
+    status, mode, _ = http_json(db.port, "POST", "/admin/unfreeze", token=runtime.token)
     assert (status, mode["mode"]) == (200, "normal")
     for thread, out in threads:
         thread.join(10)
@@ -242,7 +253,7 @@ def test_write_mode_survives_a_restart(runtime: Runtime) -> None:
     """A frozen db that restarts comes back frozen, with its rows."""
     db = runtime.start_app("db-1", "db")
     http_json(db.port, "POST", "/db/items", {"payload": "kept"})
-    http_json(db.port, "POST", "/admin/freeze")
+    http_json(db.port, "POST", "/admin/freeze", token=runtime.token)
     kill_pid(db.pid)
     again = runtime.boot_app(db.root)
     assert _mode(again)["mode"] == "hold"
@@ -267,7 +278,9 @@ def test_dump_load_summary_copy_gives_equal_checksums(runtime: Runtime) -> None:
         rows = http_json(src.port, "GET", f"/db/dump?after={cursor}&limit=10")[1]["rows"]
         if not rows:
             break
-        status, loaded, _ = http_json(dst.port, "POST", "/db/load", {"rows": rows})
+        status, loaded, _ = http_json(
+            dst.port, "POST", "/db/load", {"rows": rows}, token=runtime.token
+        )
         assert (status, loaded["loaded"]) == (200, len(rows))
         cursor, pages = rows[-1][0], pages + 1
     assert pages == 3
@@ -280,4 +293,9 @@ def test_dump_load_summary_copy_gives_equal_checksums(runtime: Runtime) -> None:
     expected = hashlib.sha256("".join(f"{i}:{p}\n" for i, p in all_rows).encode()).hexdigest()
     assert src_sum["checksum"] == expected
     # Loading again changes nothing: INSERT OR IGNORE.
-    assert http_json(dst.port, "POST", "/db/load", {"rows": all_rows})[1]["loaded"] == 0
+    assert (
+        http_json(dst.port, "POST", "/db/load", {"rows": all_rows}, token=runtime.token)[1][
+            "loaded"
+        ]
+        == 0
+    )
