@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tenacity import (
     RetryCallState,
@@ -39,6 +39,7 @@ from orchestrator.errors import (
     LockedError,
     PreconditionFailed,
 )
+from orchestrator.guard import MutationGuard
 from orchestrator.journal import Journal, RunRecord, StepRecord
 from orchestrator.lock import Lease, LeaseLock
 from orchestrator.log import get_logger
@@ -116,6 +117,8 @@ class Engine:
         config: StackConfig,
         lock_ttl: float = 60.0,
         crash_after_step: int | None = None,
+        crash_after_call: str | int | None = None,
+        crash_before_call: str | int | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
         on_event: EventSink | None = None,
@@ -126,8 +129,21 @@ class Engine:
         self.lock = LeaseLock(self.conn, ttl=lock_ttl, clock=clock)
         self.journal = Journal(self.conn, self.lock)
         self.provider = provider
+        # What the steps get: the provider behind the lease check and the kill hooks.
+        self.guard = MutationGuard(
+            provider,
+            before=self._before_mutation,
+            crash_before_call=crash_before_call,
+            crash_after_call=crash_after_call,
+        )
         self.config = config
         self.crash_after_step = crash_after_step
+        self._lease: Lease | None = None
+        self._heartbeat: Heartbeat | None = None
+        # The step being done (run id, index, step) and whether its point of no return
+        # is journaled: set only while a step's do() runs.
+        self._doing: tuple[str, int, Step] | None = None
+        self._crossed = False
         self.sleep = sleep
         self.clock = clock
         self.on_event = on_event or (lambda _k, _p: None)
@@ -141,9 +157,7 @@ class Engine:
     # --- entry points ------------------------------------------------------------------
     def ensure_free(self, stack: str) -> None:
         """Raise LockedError if a live lease or an unfinished run holds the stack."""
-        row = self.lock.holder(stack)
-        if row is not None and row["expires_at"] > self.clock():
-            raise LockedError(stack, row["run_id"], row["expires_at"] - self.clock())
+        self.lock.ensure_free(stack)
         for other in self.journal.unfinished(stack):
             raise LockedError(stack, other.id, self._lease_left(stack))
 
@@ -166,9 +180,11 @@ class Engine:
         plan = Plan.from_dict(rec.plan)
         lease = self.lock.acquire(rec.stack, rec.id)
         get_logger(run=rec.id).info(events.RUN_RESUMED, status=rec.status, token=lease.token)
-        if rec.status in ("rolling_back", "dirty"):
+        records = self.journal.steps(rec.id)
+        if _barrier(plan, records) is None and rec.status in ("rolling_back", "dirty"):
             # A run that began undoing only ever goes on undoing.
             return self._rollback(rec.id, plan, lease, cause="resumed an interrupted rollback")
+        # Not rolling back, or past its point of no return: only forward is left.
         return self._drive(rec.id, plan, lease)
 
     def rollback(self, run_id: str) -> RunResult:
@@ -180,6 +196,12 @@ class Engine:
             raise PreconditionFailed(
                 f"run {rec.id} finished every step; nothing to roll back. "
                 f"`changeover resume {rec.id}` records its end"
+            )
+        if (barrier := _barrier(plan, records)) is not None:
+            raise PreconditionFailed(
+                f"cannot roll back run {rec.id}: {barrier.key} began what cannot be undone "
+                f"(servers of the old generation are being destroyed), so the new servers "
+                f"are serving; nothing was touched. `changeover resume {rec.id}` finishes it"
             )
         lease = self.lock.acquire(rec.stack, rec.id)
         return self._rollback(rec.id, plan, lease, cause="rollback requested by operator")
@@ -213,7 +235,7 @@ class Engine:
             run_id=run_id,
             stack=plan.stack,
             config=self.config,
-            provider=self.provider,
+            provider=cast(Provider, self.guard),
             outputs=outputs,
             log=get_logger(run=run_id, stack_name=plan.stack),
             clock=self.clock,
@@ -251,14 +273,57 @@ class Engine:
         self._tries = 0
         return retrying(call)
 
+    def _held(self, run_id: str, lease: Lease, body: Callable[[], RunResult]) -> RunResult:
+        """Run `body` holding `lease`: renewed by a heartbeat, checked before every
+        mutating provider call. A lost lease stops the run where it is."""
+        self._lease = lease
+        try:
+            with Heartbeat(self.state_dir, lease, self.lock_ttl) as beat:
+                self._heartbeat = beat
+                return body()
+        except FencedError as exc:
+            get_logger(run=run_id).error(events.LOCK_LOST, error=str(exc))
+            raise FencedError(
+                f"{exc}; this process stopped before its next change. "
+                f"`changeover status {run_id}` shows where the run is; the new holder of "
+                "the lease drives it from here"
+            ) from None
+        finally:
+            self._heartbeat = None
+            self._lease = None
+            self._doing = None
+
+    def _before_mutation(self, op: str) -> None:
+        """Called by the guard right before every mutating provider call."""
+        lease = self._lease
+        if lease is None:
+            raise FencedError("a mutating provider call outside a run's lease")
+        if self._heartbeat is not None and self._heartbeat.lost:
+            raise FencedError(self._heartbeat.lost)
+        self.lock.check(lease)
+        if self._doing is not None and not self._crossed:
+            run_id, idx, step = self._doing
+            if step.irreversible:
+                # Journaled before the call is sent: from here on rollback cannot undo
+                # what this step does, and `resume` finishes it (I10).
+                self.journal.step_marked(
+                    run_id, idx, lease, {"point_of_no_return": op, "at": time.time()}
+                )
+                get_logger(run=run_id).warning(
+                    events.STEP_POINT_OF_NO_RETURN, step=step.key, call=op
+                )
+                self._crossed = True
+
     def _drive(self, run_id: str, plan: Plan, lease: Lease) -> RunResult:
-        with Heartbeat(self.state_dir, lease, self.lock_ttl):
-            return self._drive_steps(run_id, plan, lease)
+        return self._held(run_id, lease, lambda: self._drive_steps(run_id, plan, lease))
 
     def _drive_steps(self, run_id: str, plan: Plan, lease: Lease) -> RunResult:
         ctx = self._context(run_id, plan, lease)
         records = self.journal.steps(run_id)
         total = len(plan.steps)
+        # Did anything change the world yet? Any step begun before (maybe by a killed
+        # process) may have; in this process the guard counts the mutating calls.
+        touched_before = any(r.state != "pending" for r in records)
         for idx, step in enumerate(plan.steps):
             if records[idx].state == "done":
                 continue
@@ -266,22 +331,36 @@ class Engine:
             ctx.log.info(events.STEP_STARTED, step=step.key, index=idx + 1, of=total)
             self.on_event("step_started", {"step": step.key, "index": idx, "total": total})
             t0 = time.monotonic()
+            self._doing = (run_id, idx, step)
+            self._crossed = records[idx].outputs.get("point_of_no_return") is not None
             try:
                 result: StepResult = self._attempt(step, ctx, step_call(step.do, ctx))
             except FencedError:
                 raise
             except Exception as exc:
+                self._doing = None
                 reason = _reason(exc)
                 self.journal.step_failed(run_id, idx, lease, reason, tries=self._tries)
                 ctx.log.error(events.STEP_FAILED, step=step.key, error=reason)
                 self.on_event("step_failed", {"step": step.key, "error": reason})
-                if isinstance(exc, PreconditionFailed) and not any(
-                    r.state in ("done", "started") for r in records[:idx]
-                ):
+                if self._crossed:
+                    return self._finish(
+                        run_id,
+                        plan,
+                        lease,
+                        Outcome.DIRTY,
+                        f"{step.key} failed past its point of no return: {reason}. The new "
+                        "servers are serving and rollback cannot go back past this step; fix "
+                        f"the cause, then `changeover resume {run_id}` finishes it",
+                    )
+                touched = touched_before or self.guard.mutations > 0
+                if isinstance(exc, PreconditionFailed) and not touched:
                     return self._finish(
                         run_id, plan, lease, Outcome.PRECONDITION_FAILED, f"{step.key}: {reason}"
                     )
-                return self._undo_steps(run_id, plan, lease, cause=f"{step.key} failed: {reason}")
+                verb = "refused" if isinstance(exc, PreconditionFailed) else "failed"
+                return self._undo_steps(run_id, plan, lease, cause=f"{step.key} {verb}: {reason}")
+            self._doing = None
             self.journal.step_done(
                 run_id, idx, lease, result.outputs, noop=result.noop, tries=self._tries
             )
@@ -306,8 +385,7 @@ class Engine:
 
     # --- rollback ------------------------------------------------------------------------
     def _rollback(self, run_id: str, plan: Plan, lease: Lease, *, cause: str) -> RunResult:
-        with Heartbeat(self.state_dir, lease, self.lock_ttl):
-            return self._undo_steps(run_id, plan, lease, cause=cause)
+        return self._held(run_id, lease, lambda: self._undo_steps(run_id, plan, lease, cause=cause))
 
     def _undo_steps(self, run_id: str, plan: Plan, lease: Lease, *, cause: str) -> RunResult:
         self.journal.set_status(run_id, "rolling_back", lease, error=cause)
@@ -426,13 +504,30 @@ class Engine:
         return report
 
 
+def _crossed(plan: Plan, rec: StepRecord) -> bool:
+    """Did this irreversible step reach its point of no return (or finish)?"""
+    if not plan.steps[rec.idx].irreversible or rec.state == "pending":
+        return False
+    return rec.state == "done" or rec.outputs.get("point_of_no_return") is not None
+
+
+def _barrier(plan: Plan, records: list[StepRecord]) -> StepRecord | None:
+    """An irreversible step past its point of no return that has not finished: the run
+    can only go forward from here."""
+    for rec in records:
+        if rec.state in ("started", "failed") and _crossed(plan, rec):
+            return rec
+    return None
+
+
 def _undo_order(plan: Plan, records: list[StepRecord]) -> list[StepRecord]:
-    """Steps that began, newest first, stopping at the last irreversible step done."""
+    """Steps that began, newest first, stopping at the last irreversible step that
+    crossed its point of no return."""
     out: list[StepRecord] = []
     for rec in reversed(records):
         if rec.state == "pending":
             continue
-        if plan.steps[rec.idx].irreversible and rec.state == "done":
+        if _crossed(plan, rec):
             break
         out.append(rec)
     return out

@@ -9,6 +9,7 @@
     ├── FencedError           our lease was taken over; stop at once, touch nothing more
     ├── TransientError        retried by the engine under the step's retry policy
     ├── StepFailed            a step gave up: the engine rolls the run back (exit 1)
+    │   ├── ResourceGone      a server stopped or terminated, a resource gone: never retried
     │   ├── VerificationFailed
     │   ├── GuardRefused      a guarded step refused (for example an unverified cutover)
     │   └── DataMismatch      the final sync's checksum or row count disagreed
@@ -58,13 +59,13 @@ class LockedError(ChangeoverError):
 
     exit_code = 4
 
-    def __init__(self, stack: str, holder_run: str, expires_in: float) -> None:
+    def __init__(self, stack: str, holder_run: str, expires_in: float, detail: str = "") -> None:
         self.stack = stack
         self.holder_run = holder_run
+        why = detail or f"lease expires in {max(expires_in, 0):.0f}s"
         super().__init__(
-            f"stack {stack!r} is locked by run {holder_run} (lease expires in "
-            f"{max(expires_in, 0):.0f}s); wait, or `changeover unlock {stack} --force` "
-            "if that run is dead"
+            f"stack {stack!r} is locked by run {holder_run} ({why}); wait, or "
+            f"`changeover unlock {stack} --force` if that run is dead"
         )
 
 
@@ -80,6 +81,11 @@ class StepFailed(ChangeoverError):
     """A step gave up. The engine rolls the run back."""
 
     exit_code = 1
+
+
+class ResourceGone(StepFailed):
+    """A condition that cannot heal: a server stopped or terminated, a resource deleted.
+    Never retried: waiting would not bring it back."""
 
 
 class VerificationFailed(StepFailed):

@@ -22,6 +22,8 @@ LOCK_ACQUIRED = "lock.acquired"
 LOCK_RELEASED = "lock.released"
 LOCK_BROKEN = "lock.broken"
 LOCK_TAKEN_OVER = "lock.taken_over"
+LOCK_LOST = "lock.lost"
+STEP_POINT_OF_NO_RETURN = "step.point_of_no_return"
 
 CUTOVER_SKIPPED = "cutover.skipped"
 CUTOVER_REFUSED = "cutover.refused"

@@ -140,6 +140,15 @@ class Journal:
             (time.time(), run_id, idx),
         )
 
+    def step_marked(self, run_id: str, idx: int, lease: Lease, marker: dict[str, Any]) -> None:
+        """Record progress inside a started step (its point of no return), durably, before
+        the call that crosses it is sent."""
+        self._fenced(
+            lease,
+            "UPDATE steps SET outputs_json=? WHERE run_id=? AND idx=? AND state='started'",
+            (_dumps(marker), run_id, idx),
+        )
+
     def step_done(
         self,
         run_id: str,

@@ -42,11 +42,16 @@ class LeaseLock:
     """Acquire, renew, release and break per-stack leases."""
 
     def __init__(
-        self, conn: sqlite3.Connection, ttl: float = 60.0, clock: Callable[[], float] = time.time
+        self,
+        conn: sqlite3.Connection,
+        ttl: float = 60.0,
+        clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.conn = conn
         self.ttl = ttl
         self.clock = clock
+        self.sleep = sleep
         self.host = socket.gethostname()
 
     def holder(self, stack: str) -> sqlite3.Row | None:
@@ -55,30 +60,79 @@ class LeaseLock:
         ).fetchone()
         return row
 
-    def acquire(self, stack: str, run_id: str) -> Lease:
+    def _blocker(self, row: sqlite3.Row, run_id: str, now: float) -> str | None:
+        """Why the lease in `row` may not be taken by `run_id` now (None: it may be).
+        "observe" means: held from another host and expired by our clock, which may be
+        wrong, so first watch it for a heartbeat."""
+        same_run = row["run_id"] == run_id
+        expired = row["expires_at"] <= now
+        if row["host"] == self.host:
+            if row["pid"] == os.getpid():
+                # This very process (an in-process resume): only the clock can tell.
+                return None if same_run or expired else "held"
+            if pid_alive(row["pid"]):
+                # A live holder keeps its lease, whatever the clocks say.
+                return "alive"
+            # Another run's lease blocks until it expires, even if that process died:
+            # its run is unfinished and must be resumed or rolled back first.
+            return None if same_run or expired else "held"
+        return "observe" if expired else "held"
+
+    def _refuse(self, row: sqlite3.Row, why: str, now: float) -> LockedError:
+        detail = ""
+        if why == "alive":
+            detail = f"held by live process {row['pid']} on this host"
+        elif why == "observe":
+            detail = f"its holder on {row['host']} is still renewing it"
+        return LockedError(row["stack"], row["run_id"], row["expires_at"] - now, detail)
+
+    def ensure_free(self, stack: str) -> None:
+        """Raise LockedError if a live holder or an unexpired lease holds `stack`."""
+        row = self.holder(stack)
+        if row is None:
+            return
         now = self.clock()
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            row = self.holder(stack)
-            if row is not None:
-                dead = row["host"] == self.host and not pid_alive(row["pid"])
-                same_run = row["run_id"] == run_id
-                # Another run's lease blocks until it expires, even if that process
-                # died: its run is unfinished and must be resumed or rolled back first.
-                if not same_run and row["expires_at"] > now:
-                    raise LockedError(stack, row["run_id"], row["expires_at"] - now)
-                if same_run and not dead and row["pid"] != os.getpid() and row["expires_at"] > now:
-                    raise LockedError(stack, row["run_id"], row["expires_at"] - now)
-            token = self._next_token(stack)
-            self.conn.execute(
-                "INSERT OR REPLACE INTO locks VALUES (?,?,?,?,?,?,?)",
-                (stack, run_id, token, os.getpid(), self.host, now, now + self.ttl),
-            )
-            self.conn.execute("COMMIT")
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        return Lease(stack, run_id, token, now + self.ttl)
+        local = row["host"] == self.host and row["pid"] != os.getpid()
+        if local and pid_alive(row["pid"]):
+            raise self._refuse(row, "alive", now)
+        if row["expires_at"] > now:
+            raise self._refuse(row, "held", now)
+
+    def acquire(self, stack: str, run_id: str) -> Lease:
+        observed: tuple[int, float] | None = None
+        for _ in range(2):
+            now = self.clock()
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = self.holder(stack)
+                why = None if row is None else self._blocker(row, run_id, now)
+                if row is not None and why == "observe":
+                    seen = (int(row["token"]), float(row["expires_at"]))
+                    if observed is None:
+                        why = "wait"  # watch it for one heartbeat interval first
+                    elif seen != observed:
+                        raise self._refuse(row, why, now)  # it was renewed: alive
+                    else:
+                        why = None  # no heartbeat for a whole interval: it is dead
+                    observed = seen
+                if row is not None and why not in (None, "wait"):
+                    raise self._refuse(row, why or "held", now)
+                if why != "wait":
+                    token = self._next_token(stack)
+                    self.conn.execute(
+                        "INSERT OR REPLACE INTO locks VALUES (?,?,?,?,?,?,?)",
+                        (stack, run_id, token, os.getpid(), self.host, now, now + self.ttl),
+                    )
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            if why != "wait":
+                return Lease(stack, run_id, token, now + self.ttl)
+            # A holder renews every ttl/3 on its own monotonic schedule; half a TTL
+            # without a renewal means it is gone, whatever either wall clock says.
+            self.sleep(self.ttl / 2)
+        raise AssertionError("unreachable: the second look always decides")
 
     def _next_token(self, stack: str) -> int:
         row = self.conn.execute("SELECT last_token FROM fencing WHERE stack=?", (stack,)).fetchone()

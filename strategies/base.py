@@ -41,8 +41,10 @@ class StackView:
         role = self.config.data_role
         if role is None:
             return None
-        found = [s for s in self.role(role) if s.generation == self.generation]
-        return found[0] if found else None
+        # The newest data server up to the serving generation: a rotate replaces only
+        # the serving roles, so the db may be generations older than the web servers.
+        found = [s for s in self.role(role) if s.generation <= self.generation]
+        return max(found, key=lambda s: s.generation) if found else None
 
 
 def inspect_stack(provider: Provider, name: str, config: StackConfig) -> StackView:
@@ -66,7 +68,10 @@ def inspect_stack(provider: Provider, name: str, config: StackConfig) -> StackVi
         raise PreconditionFailed(
             f"address {config.address!r} routes to servers outside stack {name!r}: {foreign}"
         )
-    strays = [s.id for s in servers if s.generation != view.generation]
+    # Older servers that still serve (a rotate rolled back after a batch was replaced)
+    # and the data server (rotate keeps it) belong; any other older one is a stray.
+    keep = set(members) | ({view.data_server.id} if view.data_server else set())
+    strays = [s.id for s in servers if s.generation != view.generation and s.id not in keep]
     if strays:
         raise PreconditionFailed(
             f"stack {name!r} has servers outside its serving generation {view.generation}: "

@@ -262,12 +262,19 @@ class RepointAddress(Step):
         return StepResult({"members": targets, "previous": current})
 
     def undo(self, ctx: RunContext) -> StepResult:
+        """Point the address back, then wait until the new servers have finished the
+        requests already sent to them: only then may the data move back (I3)."""
         previous: list[str] = self.params["previous"]
         address = ctx.config.address
-        if sorted(ctx.provider.get_members(ctx.stack, address)) == sorted(previous):
+        current = ctx.provider.get_members(ctx.stack, address)
+        new = ctx.output(self.key).get("members") or _fit(ctx, ids_from(ctx, self.params))
+        leaving = sorted({*current, *new} - set(previous))
+        if sorted(current) == sorted(previous):
+            _drain(ctx, leaving)  # a resumed rollback may have been killed mid-drain
             return StepResult(noop="address already points at the old servers")
         ctx.provider.set_members(ctx.stack, address, previous)
-        return StepResult({"members": previous})
+        _drain(ctx, leaving)
+        return StepResult({"members": previous, "drained": leaving})
 
 
 class VerifyAddress(Step):

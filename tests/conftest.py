@@ -47,3 +47,14 @@ def make_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
 def world(make_world: Callable[..., World]) -> World:
     """The demo stack (1 db + 2 web, generation 1) on a fresh local cloud."""
     return make_world()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the crash suites' kill points and trials (the README quotes them)."""
+    from tests.crash_tally import summary
+
+    lines = summary()
+    if lines:
+        terminalreporter.section("crash suite: kill points at mutating provider calls")
+        for line in lines:
+            terminalreporter.write_line(line)

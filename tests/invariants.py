@@ -7,6 +7,7 @@ from typing import Any
 
 from orchestrator.db import connect
 from orchestrator.rehearse import World
+from providers.local.provider import VERIFY_PASSED
 
 
 def journal_steps(world: World, run_id: str | None = None) -> tuple[str, list[dict[str, Any]]]:
@@ -34,17 +35,20 @@ def run_status(world: World, run_id: str) -> str:
         conn.close()
 
 
-def check_call_order(world: World, initial_members: list[str]) -> None:
+def check_call_order(world: World, initial_members: list[str], since: int = 0) -> None:
     """I1 and I2 from the provider call journal, replayed in order.
 
-    I1: every server put behind the address was verified earlier, or was serving already.
+    I1: every server put behind the address passed verification earlier (a gate that was
+    asked and failed does not count), or was serving already.
     I2: no server is destroyed while the address routes to it.
+    `since`: replay only the calls after that call-journal id (`initial_members` are the
+    members at that point).
     """
     members = set(initial_members)
     verified = set(initial_members)
-    for call in world.cloud.calls():
+    for call in world.cloud.calls(since):
         op, detail = call["op"], call["detail"] or ""
-        if op == "verify_server":
+        if op == VERIFY_PASSED:
             verified.add(detail)
         elif op == "set_members":
             ids = [i for i in detail.split(":", 1)[1].split(",") if i]

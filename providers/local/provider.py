@@ -18,6 +18,7 @@ from orchestrator.errors import (
     ChangeoverError,
     DataMismatch,
     PreconditionFailed,
+    ResourceGone,
     StepFailed,
     TransientError,
 )
@@ -28,6 +29,7 @@ from providers.local.cloud import LocalCloud
 from providers.local.http import HttpError, request
 
 COPY_PAGE = 2000  # rows per page when copying data between db servers
+VERIFY_PASSED = "verify_server.passed"  # call-journal entry: this server passed the gate
 
 
 class InjectedFault(ChangeoverError):
@@ -61,8 +63,12 @@ class LocalProvider:
             time.sleep(float(fault.get("seconds", 0.0)))
         for fault in self.cloud.take_faults("fail_call", op):
             message = f"injected failure of {op}"
-            if fault.get("error", "transient") == "transient":
+            kind = fault.get("error", "transient")
+            if kind == "transient":
                 raise TransientError(message)
+            if kind == "refused":
+                # Like a cloud's 401/403 or an ownership check: the world says no.
+                raise PreconditionFailed(f"injected refusal of {op}")
             raise InjectedFault(message)
 
     def _owned(self, stack: str, server_id: str) -> Server:
@@ -75,6 +81,9 @@ class LocalProvider:
     def _port(self, stack: str, server_id: str) -> int:
         server = self._owned(stack, server_id)
         if server.port is None:
+            if server.state in ("stopped", "terminated"):
+                # A dead process does not come back by itself: never retry for minutes.
+                raise ResourceGone(f"server {server_id} is {server.state}, not running")
             raise TransientError(f"server {server_id} is {server.state}, not running")
         return server.port
 
@@ -182,6 +191,10 @@ class LocalProvider:
         report.facts = facts.to_dict()
         report.hygiene_ok = verdict.ok
         report.reasons += verdict.reasons
+        if report.passed:
+            # The call journal keeps the verdict too, so a replay can tell a gate that
+            # passed from one that was merely asked (tests/invariants.py, I1).
+            self.cloud.record_call(VERIFY_PASSED, False, current.id)
         return report
 
     # --- address ----------------------------------------------------------------------
