@@ -14,6 +14,7 @@ from typing import Any
 from orchestrator import events
 from orchestrator.errors import (
     GuardRefused,
+    ResourceGone,
     StepFailed,
     TransientError,
     VerificationFailed,
@@ -272,6 +273,14 @@ class RepointAddress(Step):
         if sorted(current) == sorted(previous):
             _drain(ctx, leaving)  # a resumed rollback may have been killed mid-drain
             return StepResult(noop="address already points at the old servers")
+        found = servers_by_id(ctx, previous)
+        if gone := [
+            f"{i} ({found[i].state if i in found else 'gone'})"
+            for i in previous
+            if i not in found or found[i].state in ("stopped", "terminated")
+        ]:
+            # No cloud brings these back: fail now rather than retry for minutes.
+            raise ResourceGone(f"cannot point the address back at {', '.join(gone)}")
         ctx.provider.set_members(ctx.stack, address, previous)
         _drain(ctx, leaving)
         return StepResult({"members": previous, "drained": leaving})

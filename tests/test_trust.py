@@ -301,3 +301,41 @@ def test_a_scheduled_rotation_runs_again_and_then_a_rebuild(world: World) -> Non
         assert proc.returncode == 0, f"{args}: {proc.stderr[-2000:]}"
     gens = {s["generation"] for s in world.live_servers().values()}
     assert gens == {4}, gens  # rotate: web 2, rotate: web 3, rebuild: everything 4
+
+
+@pytest.mark.slow
+def test_pointing_back_at_dead_old_servers_fails_at_once_not_for_minutes(world: World) -> None:
+    """The bake fails, and the old web servers died meanwhile: the address cannot go back.
+    The undo fails at once (no set_members retried for minutes), the run is dirty (exit 3)
+    and says what is gone."""
+    before = world.members()
+    mark = world.cloud.last_call_id()
+    stop = threading.Event()
+
+    def kill_old_then_new() -> None:
+        while not stop.is_set():
+            members = world.members()
+            if set(members) != set(before):
+                for old in before:
+                    world.cloud.kill_server(old)
+                time.sleep(0.3)
+                world.cloud.kill_server(members[0])
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_old_then_new)
+    killer.start()
+    try:
+        engine = _engine(world)
+        result = engine.start(plan_rebuild(engine.provider, "demo", world.config, bake=3.0))
+        engine.close()
+    finally:
+        stop.set()
+        killer.join()
+    assert result.outcome == Outcome.DIRTY and result.exit_code == 3, result.message
+    assert "cannot point the address back" in result.message
+    _, steps = journal_steps(world, result.run_id)
+    repoint = next(s for s in steps if s["key"] == "RepointAddress")
+    assert repoint["undo_state"] == "failed"
+    sets = [c for c in world.cloud.calls(mark) if c["op"] == "set_members"]
+    assert len(sets) == 1, "only the cutover itself may have set members"
