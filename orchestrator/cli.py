@@ -420,8 +420,13 @@ def plan(
 
 
 def _builder(strategy: str, **o: Any) -> Any:
+    import math
+
     from orchestrator.errors import BadInput
 
+    for flag in ("bake", "retain"):  # click's FloatRange(min=0) lets inf and nan through
+        if o.get(flag) is not None and not math.isfinite(o[flag]):
+            raise BadInput(f"--{flag}: {o[flag]} is not a finite number of seconds")
     if strategy == "rebuild":
         from strategies.rebuild import plan_rebuild
 

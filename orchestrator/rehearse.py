@@ -10,19 +10,25 @@ is what the test suite and the cutover benchmark build on.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import typer.core
+import typer.main
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from orchestrator.cli import app, parse_duration
 from orchestrator.db import connect
 from orchestrator.errors import ConfigError
-from orchestrator.load import LoadGenerator, LoadResult
+from orchestrator.load import DEFAULT_TIMEOUT, LoadGenerator, LoadResult
+from orchestrator.plan import Outcome
 from orchestrator.settings import DEMO_STACK, StackConfig
 from providers.local.bootstrap import ensure_stack
 from providers.local.cloud import LocalCloud
@@ -210,25 +216,228 @@ class Scenario:
 
 SCENARIO_KEYS = set(Scenario.__dataclass_fields__)
 
+# The provider calls of the local cloud a `fail_call` or `latency` fault can target.
+FAULT_OPS = (
+    "create_servers",
+    "data_copy_live",
+    "data_final_sync",
+    "data_freeze",
+    "data_mode",
+    "data_summary",
+    "data_switch",
+    "data_switch_back",
+    "data_unfreeze",
+    "describe_servers",
+    "destroy_servers",
+    "get_members",
+    "inflight",
+    "list_servers",
+    "probe_address",
+    "set_members",
+    "verify_server",
+)
+FaultOp = Literal[FAULT_OPS]  # type: ignore[valid-type]
+# A scenario's name becomes a directory under the state dir: nothing that could leave it.
+SCENARIO_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
+# Expectations checked only when the scenario runs load.
+LOAD_CHECKS = ("failed_requests", "min_rate", "writes_lost")
+
+
+class _Spec(BaseModel):
+    """A part of a scenario file. YAML is typed: `times: "2"` or `bake: .inf` is a mistake."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class _FailCall(_Spec):
+    kind: Literal["fail_call"]
+    op: FaultOp | None = None
+    times: int = Field(default=1, ge=-1)
+    error: Literal["transient", "fatal"] = "transient"
+
+
+class _Latency(_Spec):
+    kind: Literal["latency"]
+    op: FaultOp | None = None
+    times: int = Field(default=1, ge=-1)
+    seconds: float = Field(default=0.0, ge=0, le=60)
+
+
+class _ServerFault(_Spec):
+    kind: Literal["server"]
+    times: int = Field(default=1, ge=-1)
+    role: str | None = None
+    boot_delay: float = Field(default=0.0, ge=0, le=300)
+    health_fail: bool = False
+    hold_packages: list[str] = Field(default_factory=list)
+    keep_reboot_required: bool = False
+    die_after: float | None = Field(default=None, gt=0, le=3600)
+
+
+_Fault = Annotated[_FailCall | _Latency | _ServerFault, Field(discriminator="kind")]
+FAULT_KINDS = ("fail_call", "latency", "server")
+
+
+class _Load(_Spec):
+    """LoadGenerator's arguments."""
+
+    rate: float = Field(default=250.0, gt=0, le=100_000)
+    connections: int = Field(default=4, ge=1, le=256)
+    write_ratio: float = Field(default=0.3, ge=0, le=1)
+    max_duration: float = Field(default=120.0, gt=0, le=3600)
+    max_requests: int = Field(default=100_000, ge=1)
+    payload_prefix: str = Field(default="w", min_length=1)
+    timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0, le=600)
+
+
+class _Expect(_Spec):
+    """What must hold after the run; each key set here is one check."""
+
+    exit_code: int | None = None
+    crash_exit: int | None = None
+    outcome: Literal[tuple(o.value for o in Outcome)] | None = None  # type: ignore[valid-type]
+    address_moved: bool | None = None
+    old_stack_untouched: bool = False
+    only_serving_left: bool = False
+    generation_after: int | None = Field(default=None, ge=1)
+    failed_requests: int | None = Field(default=None, ge=0)
+    min_rate: float | None = Field(default=None, ge=0)
+    writes_lost: int | None = Field(default=None, ge=0)
+
+
+class _ScenarioFile(_Spec):
+    name: str = Field(pattern=SCENARIO_NAME)
+    strategy: Literal["rebuild", "rotate"]
+    args: list[str] = Field(default_factory=list)
+    stack: dict[str, Any] = Field(default_factory=dict)
+    faults: list[_Fault] = Field(default_factory=list)
+    load: _Load | None = None
+    crash_after_step: int | None = Field(default=None, ge=1)
+    then: Literal["resume", "rollback"] | None = None
+    expect: _Expect = Field(default_factory=_Expect)
+    description: str = ""
+
+
+def _field_error(exc: ValidationError) -> str:
+    """One line naming the key of the first error in a scenario file."""
+    first = exc.errors()[0]
+    # A fault's errors carry its kind in their location (faults.0.fail_call.op): drop it.
+    parts = [str(p) for p in first["loc"]]
+    if len(parts) > 2 and parts[0] == "faults" and parts[2] in FAULT_KINDS:
+        del parts[2]
+    loc = ".".join(parts) or "(top)"
+    kind = first["type"]
+    msg = str(first["msg"]).removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        msg = "unknown key"
+    elif kind == "missing":
+        msg = "missing"
+    elif kind == "union_tag_not_found":
+        loc, msg = f"{loc}.kind", f"missing (one of {', '.join(FAULT_KINDS)})"
+    elif kind == "union_tag_invalid":
+        tag = (first.get("ctx") or {}).get("tag")
+        loc, msg = f"{loc}.kind", f"unknown fault kind {tag!r} (one of {', '.join(FAULT_KINDS)})"
+    elif kind == "string_pattern_mismatch" and loc == "name":
+        msg = "use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    more = len(exc.errors()) - 1
+    return f"{loc}: {msg}" + (f" (and {more} more)" if more else "")
+
+
+def _check_args(strategy: str, args: list[str]) -> str | None:
+    """Why the strategy's command line would refuse these args, or None."""
+    if {"--help", "--version"} & set(args):
+        return f"{args}: not a run flag"
+    command = typer.main.get_command(app)
+    assert isinstance(command, typer.core.TyperGroup)
+    try:
+        ctx = command.commands[strategy].make_context(
+            strategy, ["demo", "--yes", *args], resilient_parsing=False
+        )
+    except typer.TyperException as exc:
+        format_message = getattr(exc, "format_message", None)
+        return str(format_message() if format_message else exc)
+    for flag in ("bake", "retain"):
+        value = ctx.params.get(flag)
+        if value is not None and not math.isfinite(value):
+            return f"--{flag}: {value} is not a finite number of seconds"
+    if ctx.params.get("older_than"):
+        try:
+            parse_duration(ctx.params["older_than"])
+        except typer.BadParameter as exc:
+            return f"--older-than: {exc.format_message()}"
+    return None
+
 
 def load_scenario(path: Path) -> Scenario:
-    """Read one scenario file; a bad file is a ConfigError naming the key."""
+    """Read and check the whole scenario file: a bad one is a ConfigError of one line
+    naming the key, raised before anything is started or written."""
+    where = f"scenario {path}"
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"scenario {path}: {exc}") from None
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read it ({exc.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(_one_line(f"{where}: not valid YAML{at}: {problem}")) from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid YAML: nested too deeply") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"scenario {path}: expected a mapping at the top")
-    if unknown := set(data) - SCENARIO_KEYS:
-        raise ConfigError(f"scenario {path}: unknown key(s) {sorted(unknown)}")
-    for key in ("name", "strategy"):
-        if key not in data:
-            raise ConfigError(f"scenario {path}: missing {key!r}")
-    if data["strategy"] not in ("rebuild", "rotate"):
-        raise ConfigError(f"scenario {path}: strategy must be rebuild or rotate")
-    if data.get("then") not in (None, "resume", "rollback"):
-        raise ConfigError(f"scenario {path}: then must be resume or rollback")
-    return Scenario(**data)
+        raise ConfigError(f"{where}: expected a mapping of keys at the top")
+    try:
+        spec = _ScenarioFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(f"{where}: {_field_error(exc)}")) from None
+    # The world the scenario builds: the demo stack with its changes, checked as config.
+    stack = json.loads(json.dumps(DEMO_STACK))
+    _deep_update(stack, spec.stack)
+    try:
+        config = StackConfig.model_validate(stack)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(f"{where}: stack.{_field_error(exc)}")) from None
+    for i, fault in enumerate(spec.faults):
+        if isinstance(fault, _ServerFault) and fault.role and fault.role not in config.roles:
+            raise ConfigError(
+                f"{where}: faults.{i}.role: no role {fault.role!r} in the stack "
+                f"({', '.join(config.roles)})"
+            )
+    if spec.then and spec.crash_after_step is None:
+        raise ConfigError(f"{where}: then: needs crash_after_step (what to do after the crash)")
+    if problem := _check_args(spec.strategy, spec.args):
+        raise ConfigError(_one_line(f"{where}: args: {problem}"))
+    expect = spec.expect.model_dump(exclude_defaults=True)
+    if spec.load is None and (needs_load := [k for k in LOAD_CHECKS if k in expect]):
+        raise ConfigError(f"{where}: expect.{needs_load[0]}: needs load (there is no traffic)")
+    if not expect:
+        raise ConfigError(
+            f"{where}: expect: no checks; a scenario must check something "
+            f"({', '.join(_Expect.model_fields)})"
+        )
+    return Scenario(
+        name=spec.name,
+        strategy=spec.strategy,
+        args=list(spec.args),
+        stack=spec.stack,
+        faults=[f.model_dump(exclude_unset=True) for f in spec.faults],
+        load=spec.load.model_dump(exclude_unset=True) if spec.load else None,
+        crash_after_step=spec.crash_after_step,
+        then=spec.then,
+        expect=expect,
+        description=spec.description,
+    )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def run_scenario(scenario: Scenario, *, state_dir: Path) -> dict[str, Any]:
@@ -336,7 +545,7 @@ def _run(world: World, sc: Scenario) -> dict[str, Any]:
             )
     return {
         "scenario": sc.name,
-        "passed": all(c["ok"] for c in checks),
+        "passed": bool(checks) and all(c["ok"] for c in checks),  # no check is no pass
         "checks": checks,
         "load": figures,
         "result": {k: v for k, v in result.items() if k != "_stderr"},

@@ -9,17 +9,29 @@ quickstart works from a fresh clone.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
+    SettingsError,
 )
 
 from orchestrator.errors import ConfigError
@@ -36,8 +48,49 @@ DEFAULT_BOOT_TIMEOUT = 120.0  # seconds a new server may take to boot (and to ve
 DEFAULT_DRAIN_TIMEOUT = 330.0  # seconds to drain; an ELB's default deregistration delay is 300
 
 
+ENV_PREFIX = "CHANGEOVER_"
+ENV_DELIMITER = "__"
+
+# A stack or role name ends up in server names, tags, file names and log lines.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+NAME_RULE = "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+# Scalars are typed in TOML, so `count = true` or `data = "yes"` is a mistake, not a value
+# to coerce. Environment variables are always text, so the text spellings of a number or
+# a boolean are accepted (and only those): CHANGEOVER_STACKS__DEMO__ROLES__WEB__COUNT=3.
+def _int_from_text(value: Any) -> Any:
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,18}\s*", value):
+        return int(value)
+    return value
+
+
+def _float_from_text(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _bool_from_text(value: Any) -> Any:
+    if isinstance(value, str):
+        return {"true": True, "1": True, "false": False, "0": False}.get(
+            value.strip().lower(), value
+        )
+    return value
+
+
+# Strict: no bool for a number, no float for an int, no "yes" for a bool. Floats are
+# finite (allow_inf_nan=False in every model's config): `bake = inf` is refused.
+Int = Annotated[int, Strict(), BeforeValidator(_int_from_text)]
+Float = Annotated[float, Strict(), BeforeValidator(_float_from_text)]
+Bool = Annotated[bool, Strict(), BeforeValidator(_bool_from_text)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class HealthCheck(_Strict):
@@ -45,22 +98,22 @@ class HealthCheck(_Strict):
 
     type: Literal["http", "tcp", "ec2-status", "target-group"] = "http"
     path: str = "/health"
-    port: int = Field(default=80, ge=1, le=65535, description="cloud servers; local ignores it")
-    timeout: float = Field(default=2.0, gt=0)
+    port: Int = Field(default=80, ge=1, le=65535, description="cloud servers; local ignores it")
+    timeout: Float = Field(default=2.0, gt=0)
 
 
 class SshOptions(_Strict):
     """How to reach servers over SSH. Keys are files named here, never inline (I9)."""
 
     user: str = "root"
-    port: int = Field(default=22, ge=1, le=65535)
+    port: Int = Field(default=22, ge=1, le=65535)
     known_hosts: str | None = Field(
         default=None, description="known_hosts file; unknown or changed host keys are refused"
     )
     key_file: str | None = None
     address: Literal["private", "public"] = "private"
-    timeout: float = Field(default=15.0, gt=0)
-    attempts: int = Field(default=3, ge=1, le=10, description="connection attempts per command")
+    timeout: Float = Field(default=15.0, gt=0)
+    attempts: Int = Field(default=3, ge=1, le=10, description="connection attempts per command")
 
 
 class HygienePolicy(_Strict):
@@ -71,7 +124,7 @@ class HygienePolicy(_Strict):
         description="'none': no pending upgrades at all; 'security': no pending security "
         "upgrades; 'ignore': do not check",
     )
-    reboot_required_fails: bool = True
+    reboot_required_fails: Bool = True
     min_versions: dict[str, str] = Field(
         default_factory=dict, description="component -> lowest acceptable version"
     )
@@ -80,7 +133,7 @@ class HygienePolicy(_Strict):
     )
     transport: Literal["auto", "local", "ssh", "ssm"] = "auto"
     ssh: SshOptions = SshOptions()
-    max_age_days: float | None = Field(
+    max_age_days: Float | None = Field(
         default=None, gt=0, description="audit recommends replacing servers launched longer ago"
     )
     gemfile_locks: list[str] = Field(
@@ -91,7 +144,7 @@ class HygienePolicy(_Strict):
         ],
         description="where the rails version is read from (absolute paths, globs allowed)",
     )
-    facts_timeout: float = Field(default=120.0, gt=0, description="seconds for the fact script")
+    facts_timeout: Float = Field(default=120.0, gt=0, description="seconds for the fact script")
 
     @model_validator(mode="after")
     def _check_names(self) -> HygienePolicy:
@@ -133,24 +186,31 @@ class DataOptions(_Strict):
 class RoleConfig(_Strict):
     """A role of a stack: how many servers, from which image, checked how."""
 
-    count: int = Field(default=1, ge=1, le=10_000)
-    image: str = "debian-12-base"
-    size: str = "small"
+    count: Int = Field(default=1, ge=1, le=10_000)
+    image: str = Field(default="debian-12-base", min_length=1)
+    size: str = Field(default="small", min_length=1)
     health: HealthCheck = HealthCheck()
-    data: bool = Field(default=False, description="this role holds the stack's data")
+    data: Bool = Field(default=False, description="this role holds the stack's data")
     launch: LaunchOptions = LaunchOptions()
     data_options: DataOptions = DataOptions()
+
+    @model_validator(mode="after")
+    def _one_data_server(self) -> RoleConfig:
+        # One server holds the data; more would be orphans that never get any.
+        if self.data and self.count != 1:
+            raise ValueError(f"count = {self.count}, but a data role has exactly one server")
+        return self
 
 
 class StrategyDefaults(_Strict):
     """Per-stack defaults for strategy flags."""
 
-    bake: float = Field(default=DEFAULT_BAKE_SECONDS, ge=0)
-    retain: float = Field(default=DEFAULT_RETAIN_SECONDS, ge=0)
-    max_surge: int = Field(default=DEFAULT_MAX_SURGE, ge=1)
-    min_healthy: int = Field(default=DEFAULT_MIN_HEALTHY_PCT, ge=0, le=100)
-    boot_timeout: float = Field(default=DEFAULT_BOOT_TIMEOUT, gt=0)
-    drain_timeout: float = Field(default=DEFAULT_DRAIN_TIMEOUT, gt=0)
+    bake: Float = Field(default=DEFAULT_BAKE_SECONDS, ge=0)
+    retain: Float = Field(default=DEFAULT_RETAIN_SECONDS, ge=0)
+    max_surge: Int = Field(default=DEFAULT_MAX_SURGE, ge=1)
+    min_healthy: Int = Field(default=DEFAULT_MIN_HEALTHY_PCT, ge=0, le=100)
+    boot_timeout: Float = Field(default=DEFAULT_BOOT_TIMEOUT, gt=0)
+    drain_timeout: Float = Field(default=DEFAULT_DRAIN_TIMEOUT, gt=0)
 
 
 class LibcloudOptions(_Strict):
@@ -193,12 +253,20 @@ class StackConfig(_Strict):
     region: str | None = None
     endpoint_url: str | None = None
     profile: str | None = None
-    address: str
+    address: str = Field(min_length=1)
     address_type: Literal["auto", "proxy", "elastic-ip", "target-group", "floating-ip"] = "auto"
     libcloud: LibcloudOptions | None = None
     roles: dict[str, RoleConfig]
     defaults: StrategyDefaults = StrategyDefaults()
     hygiene: HygienePolicy = HygienePolicy()
+
+    @field_validator("roles")
+    @classmethod
+    def _check_role_names(cls, roles: dict[str, RoleConfig]) -> dict[str, RoleConfig]:
+        for name in roles:
+            if not NAME_PATTERN.fullmatch(name):
+                raise ValueError(f"role name {name!r}: use {NAME_RULE}")
+        return roles
 
     @model_validator(mode="after")
     def _check_roles(self) -> StackConfig:
@@ -236,17 +304,28 @@ class Settings(BaseSettings):
     """The root of all configuration."""
 
     model_config = SettingsConfigDict(
-        env_prefix="CHANGEOVER_", env_nested_delimiter="__", extra="forbid"
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_DELIMITER,
+        extra="forbid",
+        allow_inf_nan=False,
     )
 
     state_dir: Path = DEFAULT_STATE_DIR
     output: Literal["text", "json"] = "text"
     log_format: Literal["console", "json"] = "console"
-    verbose: int = 0
+    verbose: Int = Field(default=0, ge=0)
     stacks: dict[str, StackConfig] = Field(default_factory=dict)
     # Testing hook, documented in the README: SIGKILL ourselves after the Nth step ends.
-    crash_after_step: int | None = None
-    lock_ttl: float = Field(default=60.0, gt=1)
+    crash_after_step: Int | None = None
+    lock_ttl: Float = Field(default=60.0, gt=1)
+
+    @field_validator("stacks")
+    @classmethod
+    def _check_stack_names(cls, stacks: dict[str, StackConfig]) -> dict[str, StackConfig]:
+        for name in stacks:
+            if not NAME_PATTERN.fullmatch(name):
+                raise ValueError(f"stack name {name!r}: use {NAME_RULE}")
+        return stacks
 
     def stack(self, name: str) -> StackConfig:
         if name not in self.stacks:
@@ -259,34 +338,87 @@ class Settings(BaseSettings):
         return self.state_dir.expanduser()
 
 
+ErrorKey = tuple[tuple[str, ...], str]
+SETTINGS_ERROR: ErrorKey = ((), "settings_error")  # a variable that should be JSON is not
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _error_key(err: Any) -> ErrorKey:
+    return tuple(str(p).lower() for p in err["loc"]), str(err["type"])
+
+
 def _describe(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "(root)"
-    msg = first["msg"]
+    msg = str(first["msg"]).removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     more = len(err.errors()) - 1
     tail = f" (and {more} more)" if more else ""
-    return f"config error in {source}: {loc}: {msg}{tail}"
+    return _one_line(f"config error in {source}: {loc}: {msg}{tail}")
 
 
-def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Read the TOML file and the environment once. Raises ConfigError with one line."""
-    explicit = config_file is not None or "CHANGEOVER_CONFIG" in os.environ
-    path = Path(config_file or os.environ.get("CHANGEOVER_CONFIG", DEFAULT_CONFIG_FILE))
-    if explicit and not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} not found")
-    source = str(path) if path.is_file() else "environment"
-    if path.is_file():
-        try:
-            with path.open("rb") as fh:
-                tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config error in {path}: not valid TOML: {exc}") from None
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The config file as data, or a ConfigError saying why it is not a config."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r}: cannot read it ({exc.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config error in {path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+            f"offset {exc.start}); TOML files are UTF-8"
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(_one_line(f"config error in {path}: not valid TOML: {exc}")) from None
 
-    toml_path = path if path.is_file() else None
 
-    class _FromFile(Settings):
+def _field_env_vars() -> dict[str, str]:
+    """The CHANGEOVER_* variables that set a setting: lower-cased name -> name as set."""
+    out: dict[str, str] = {}
+    for name in os.environ:
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        head = name[len(ENV_PREFIX) :].split(ENV_DELIMITER, 1)[0].lower()
+        if head in Settings.model_fields:
+            out[name.lower()] = name
+    return out
+
+
+def _env_path(name: str) -> tuple[str, ...]:
+    return tuple(name.lower()[len(ENV_PREFIX) :].split(ENV_DELIMITER))
+
+
+class _Env(EnvSettingsSource):
+    """The CHANGEOVER_* variables, less some: to find which one an error comes from."""
+
+    def __init__(self, settings_cls: type[BaseSettings], exclude: frozenset[str]) -> None:
+        self._exclude = exclude
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        env = super()._load_env_vars()
+        return {k: v for k, v in env.items() if k.lower() not in self._exclude}
+
+
+def _build(
+    file_data: dict[str, Any] | None,
+    overrides: dict[str, Any],
+    *,
+    use_env: bool = True,
+    exclude: frozenset[str] = frozenset(),
+) -> Settings:
+    # Lowest priority, so CHANGEOVER_STACKS__DEMO__... still deep-merges over the demo.
+    base = file_data if file_data is not None else {"stacks": {"demo": DEMO_STACK}}
+
+    class _Loaded(Settings):
         @classmethod
         def settings_customise_sources(
             cls,
@@ -296,16 +428,84 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             dotenv_settings: PydanticBaseSettingsSource,
             file_secret_settings: PydanticBaseSettingsSource,
         ) -> tuple[PydanticBaseSettingsSource, ...]:
-            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-            if toml_path is not None:
-                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
-            else:
-                # Lowest priority, so CHANGEOVER_STACKS__DEMO__... still deep-merges over it.
-                sources.append(InitSettingsSource(settings_cls, {"stacks": {"demo": DEMO_STACK}}))
+            sources: list[PydanticBaseSettingsSource] = [init_settings]
+            if use_env:
+                sources.append(_Env(settings_cls, exclude))
+            sources.append(InitSettingsSource(settings_cls, base))
             return tuple(sources)
 
+    return _Loaded(**overrides)
+
+
+def _problems(attempt: Callable[[], Settings]) -> set[ErrorKey]:
+    """The errors of one way of loading (empty if it loads)."""
+    try:
+        attempt()
+    except ValidationError as exc:
+        return {_error_key(e) for e in exc.errors()}
+    except SettingsError:
+        return {SETTINGS_ERROR}
+    return set()
+
+
+def _culprits(
+    env: dict[str, str],
+    key: ErrorKey,
+    file_data: dict[str, Any] | None,
+    overrides: dict[str, Any],
+) -> list[str]:
+    """The variables without which the error goes away (all of them if none alone)."""
+
+    def without(low: str) -> Callable[[], Settings]:
+        return lambda: _build(file_data, overrides, exclude=frozenset({low}))
+
+    found = [name for low, name in sorted(env.items()) if key not in _problems(without(low))]
+    return found or sorted(env.values())
+
+
+def _explain(
+    exc: ValidationError, source: str, file_data: dict[str, Any] | None, overrides: dict[str, Any]
+) -> str:
+    """The error's line, naming where the bad value came from: a flag, a variable, the file."""
+    first = exc.errors()[0]
+    key = _error_key(first)
+    loc = key[0]
+    if loc and loc[0] in overrides:
+        return _describe(exc, f"--{loc[0].replace('_', '-')}")
+    env = _field_env_vars()
+    if env:
+        from_file = file_data is not None and key in _problems(
+            lambda: _build(file_data, overrides, use_env=False)
+        )
+        # An error the file alone has is the file's, unless a variable replaces that value.
+        if not from_file or any(_env_path(low) == loc for low in env):
+            names = _culprits(env, key, file_data, overrides)
+            return _describe(exc, f"environment variable {', '.join(names)}")
+    return _describe(exc, source)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Read the TOML file and the environment once. Raises ConfigError with one line that
+    names the key and where its value came from (the file, a variable or a flag)."""
+    explicit = config_file is not None or "CHANGEOVER_CONFIG" in os.environ
+    path = Path(config_file or os.environ.get("CHANGEOVER_CONFIG", DEFAULT_CONFIG_FILE))
+    try:
+        is_file = path.is_file()
+    except OSError as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc.strerror}") from None
+    if explicit and not is_file:
+        raise ConfigError(f"config file {str(path)!r} not found")
+    file_data = _read_toml(path) if is_file else None
+    source = str(path) if is_file else "environment"
     clean = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return _FromFile(**clean)
+        return _build(file_data, clean)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source)) from None
+        raise ConfigError(_explain(exc, source, file_data, clean)) from None
+    except SettingsError:
+        # A variable that must hold JSON (a table or a list) does not.
+        names = _culprits(_field_env_vars(), SETTINGS_ERROR, file_data, clean)
+        raise ConfigError(
+            f"config error in environment variable {', '.join(names)}: not valid JSON "
+            "(this key takes a table or a list, written as a JSON object or array)"
+        ) from None
