@@ -494,7 +494,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     except OSError as exc:
         raise ConfigError(f"config file {str(path)!r}: {exc.strerror}") from None
     if explicit and not is_file:
-        raise ConfigError(f"config file {str(path)!r} not found")
+        via = "" if config_file is not None else " (from CHANGEOVER_CONFIG)"
+        raise ConfigError(f"config file {str(path)!r}{via} not found")
     file_data = _read_toml(path) if is_file else None
     source = str(path) if is_file else "environment"
     clean = {k: v for k, v in overrides.items() if v is not None}

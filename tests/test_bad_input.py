@@ -390,3 +390,11 @@ def test_fault_ops_are_calls_the_local_cloud_makes() -> None:
     source = (ROOT / "providers" / "local" / "provider.py").read_text()
     made = set(re.findall(r'self\._call\("([a-z_]+)"', source))
     assert set(FAULT_OPS) <= made, set(FAULT_OPS) - made
+
+
+def test_missing_config_from_the_environment_names_the_variable(tmp_path: Path) -> None:
+    """CHANGEOVER_CONFIG naming a file that is not there says where the name came from."""
+    missing = tmp_path / "nope.toml"
+    res = invoke("stacks", env={"CHANGEOVER_CONFIG": str(missing)})
+    line = res.error_line()
+    assert str(missing) in line and "CHANGEOVER_CONFIG" in line and "not found" in line
