@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.db import secure_state_dir
+from orchestrator.errors import PreconditionFailed
 from orchestrator.models import (
     TAG_GENERATION,
     TAG_ROLE,
@@ -40,8 +41,9 @@ from orchestrator.models import (
     Server,
     ServerState,
 )
+from orchestrator.redact import register_secret
 from providers.local.daemon import kill_pid, pid_alive, spawn_detached
-from providers.local.http import TOKEN_FILE, ensure_token
+from providers.local.http import TOKEN_FILE, TokenError, ensure_token
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS servers (
@@ -115,7 +117,13 @@ class LocalCloud:
         index = self.root / "package-index.json"
         if not index.exists():
             self.write_package_index(DEFAULT_INDEX)
-        self.control_token = ensure_token(self.token_path)
+        try:
+            self.control_token = ensure_token(self.token_path)
+        except TokenError as exc:
+            raise PreconditionFailed(
+                f"{exc}; it must be a file only its owner can read (chmod 600 {self.token_path})"
+            ) from None
+        register_secret(self.control_token)  # never in a log, the journal or an output
 
     @property
     def token_path(self) -> Path:

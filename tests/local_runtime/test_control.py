@@ -151,3 +151,19 @@ def test_local_up_gives_an_old_state_dir_a_token(tmp_path: Path) -> None:
         assert http_json(info.control_port, "GET", "/members", token=token)[0] == 200
     finally:
         world.down()
+
+
+def test_a_token_file_others_can_read_is_refused_by_the_cli(tmp_path: Path) -> None:
+    """`local up` with a token file that is not private: one line naming the file, exit
+    2, and nothing started."""
+    world = World(tmp_path)
+    try:
+        (tmp_path / "local" / TOKEN_FILE).chmod(0o640)
+        proc = world.cli("local", "up")
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr
+        assert TOKEN_FILE in lines[0] and "chmod 600" in lines[0]
+        assert world.cloud.processes() == []
+    finally:
+        world.down()
