@@ -138,6 +138,8 @@ def _engine(settings: Settings, provider: Provider, config: StackConfig) -> Engi
         config=config,
         lock_ttl=settings.lock_ttl,
         crash_after_step=settings.crash_after_step,
+        crash_after_call=settings.crash_after_call,
+        crash_before_call=settings.crash_before_call,
         on_event=_progress_sink(),
     )
 
@@ -148,6 +150,8 @@ def _progress_sink() -> Any:
         return None
     from rich.console import Console
 
+    from orchestrator.redact import redact_text
+
     console = Console(stderr=True)
 
     def sink(kind: str, p: dict[str, Any]) -> None:
@@ -157,9 +161,9 @@ def _progress_sink() -> Any:
             note = f" [dim](no-op: {p['noop']})[/]" if p.get("noop") else ""
             console.print(f"[green]✓[/] {p['step']}{note}")
         elif kind == "step_failed":
-            console.print(f"[red]✗[/] {p['step']}: {p['error']}")
+            console.print(f"[red]✗[/] {p['step']}: {redact_text(str(p['error']))}")
         elif kind == "rollback_started":
-            console.print(f"[yellow]↺ rolling back[/]: {p['cause']}")
+            console.print(f"[yellow]↺ rolling back[/]: {redact_text(str(p['cause']))}")
         elif kind == "undo_done":
             console.print(f"[yellow]↺[/] undid {p['step']}")
         elif kind == "retry":
@@ -762,8 +766,13 @@ def local_status(ctx: typer.Context) -> None:
 
 def main() -> None:
     """Entry point: map errors to one line on stderr and the contract's exit codes."""
+    import os
+
     from orchestrator.errors import ChangeoverError
 
+    # Everything changeover and its local cloud write (state dir, journal, logs, the
+    # control token) is for this user alone.
+    os.umask(0o077)
     try:
         app()  # standalone: typer prints usage errors itself and exits 2
     except ChangeoverError as exc:

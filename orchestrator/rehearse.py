@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.cli import app, parse_duration
 from orchestrator.db import connect
-from orchestrator.errors import ConfigError
+from orchestrator.errors import BadInput, ConfigError
+from orchestrator.guard import parse_call_spec
 from orchestrator.load import DEFAULT_TIMEOUT, LoadGenerator, LoadResult
 from orchestrator.plan import Outcome
 from orchestrator.settings import DEMO_STACK, StackConfig
@@ -209,6 +210,9 @@ class Scenario:
     faults: list[dict[str, Any]] = field(default_factory=list)
     load: dict[str, Any] | None = None
     crash_after_step: int | None = None
+    # Kill at a mutating provider call: N, OP or OP:N (see orchestrator/guard.py).
+    crash_after_call: str | None = None
+    crash_before_call: str | None = None
     then: str | None = None  # resume | rollback, after a crash
     expect: dict[str, Any] = field(default_factory=dict)
     description: str = ""
@@ -313,6 +317,8 @@ class _ScenarioFile(_Spec):
     faults: list[_Fault] = Field(default_factory=list)
     load: _Load | None = None
     crash_after_step: int | None = Field(default=None, ge=1)
+    crash_after_call: int | str | None = None
+    crash_before_call: int | str | None = None
     then: Literal["resume", "rollback"] | None = None
     expect: _Expect = Field(default_factory=_Expect)
     description: str = ""
@@ -410,8 +416,21 @@ def load_scenario(path: Path) -> Scenario:
                 f"{where}: faults.{i}.role: no role {fault.role!r} in the stack "
                 f"({', '.join(config.roles)})"
             )
-    if spec.then and spec.crash_after_step is None:
-        raise ConfigError(f"{where}: then: needs crash_after_step (what to do after the crash)")
+    for key in ("crash_after_call", "crash_before_call"):
+        try:
+            parse_call_spec(getattr(spec, key))
+        except BadInput as exc:
+            raise ConfigError(f"{where}: {key}: {exc}") from None
+    crashes = [spec.crash_after_step, spec.crash_after_call, spec.crash_before_call]
+    if sum(c is not None for c in crashes) > 1:
+        raise ConfigError(
+            f"{where}: crash_after_step, crash_after_call, crash_before_call: choose one"
+        )
+    if spec.then and all(c is None for c in crashes):
+        raise ConfigError(
+            f"{where}: then: needs crash_after_step, crash_after_call or crash_before_call "
+            "(what to do after the crash)"
+        )
     if problem := _check_args(spec.strategy, spec.args):
         raise ConfigError(_one_line(f"{where}: args: {problem}"))
     expect = spec.expect.model_dump(exclude_defaults=True)
@@ -430,6 +449,8 @@ def load_scenario(path: Path) -> Scenario:
         faults=[f.model_dump(exclude_unset=True) for f in spec.faults],
         load=spec.load.model_dump(exclude_unset=True) if spec.load else None,
         crash_after_step=spec.crash_after_step,
+        crash_after_call=None if spec.crash_after_call is None else str(spec.crash_after_call),
+        crash_before_call=None if spec.crash_before_call is None else str(spec.crash_before_call),
         then=spec.then,
         expect=expect,
         description=spec.description,
@@ -472,10 +493,15 @@ def _run(world: World, sc: Scenario) -> dict[str, Any]:
     if gen:
         gen.start()
         time.sleep(0.5)  # steady state before the change
-    env = {"CHANGEOVER_CRASH_AFTER_STEP": str(sc.crash_after_step)} if sc.crash_after_step else {}
+    hooks = {
+        "CHANGEOVER_CRASH_AFTER_STEP": sc.crash_after_step,
+        "CHANGEOVER_CRASH_AFTER_CALL": sc.crash_after_call,
+        "CHANGEOVER_CRASH_BEFORE_CALL": sc.crash_before_call,
+    }
+    env = {k: str(v) for k, v in hooks.items() if v is not None}
     code, result = world.cli_json(sc.strategy, world.stack, "--yes", *sc.args, env=env)
     first_code = code
-    if sc.crash_after_step and sc.then:
+    if env and sc.then:
         run_id = _last_run_id(world)
         code, result = world.cli_json(sc.then, run_id)
     load_result = None

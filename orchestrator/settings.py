@@ -315,8 +315,12 @@ class Settings(BaseSettings):
     log_format: Literal["console", "json"] = "console"
     verbose: Int = Field(default=0, ge=0)
     stacks: dict[str, StackConfig] = Field(default_factory=dict)
-    # Testing hook, documented in the README: SIGKILL ourselves after the Nth step ends.
-    crash_after_step: Int | None = None
+    # Testing hooks, documented in the README: SIGKILL ourselves after the Nth step ends,
+    # right after the Nth mutating provider call returns, or right before it is sent.
+    crash_after_step: Int | None = Field(default=None, ge=1)
+    # N (the Nth mutating call), OP (its first call) or OP:N (the Nth call of OP).
+    crash_after_call: str | None = Field(default=None, pattern=r"^(\d+|[a-z_]+(:\d+)?)$")
+    crash_before_call: str | None = Field(default=None, pattern=r"^(\d+|[a-z_]+(:\d+)?)$")
     lock_ttl: Float = Field(default=60.0, gt=1)
 
     @field_validator("stacks")

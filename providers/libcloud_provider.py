@@ -56,6 +56,7 @@ from orchestrator.models import (
     Server,
     ServerState,
 )
+from orchestrator.redact import register_secret
 from orchestrator.settings import HealthCheck, HygienePolicy, LibcloudOptions, StackConfig
 from providers.base import Provider
 from providers.cloudinit import first_boot_user_data
@@ -209,6 +210,7 @@ def load_credentials(
             if environ.get(env_name):
                 creds[arg] = environ[env_name]
                 break
+    register_secret(*creds.values())  # masked wherever they turn up (I9)
     return creds
 
 

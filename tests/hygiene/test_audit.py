@@ -45,6 +45,7 @@ def test_audit_reports_a_hand_made_change_as_drift_since_the_last_run(world: Wor
         "POST",
         "/admin/set-package",
         {"name": "nginx", "version": "1.24.0-1"},
+        token=world.cloud.control_token,
     )
     code, report = world.cli_json("audit", "demo")
     assert code == 0, report["_stderr"]
