@@ -55,6 +55,19 @@ class State:
                 log_format=o["log_format"],
                 verbose=o["verbose"] or None,
             )
+            from orchestrator.errors import BadInput, ConfigError
+            from orchestrator.guard import parse_call_spec
+
+            for var, spec in (
+                ("CHANGEOVER_CRASH_AFTER_CALL", self._settings.crash_after_call),
+                ("CHANGEOVER_CRASH_BEFORE_CALL", self._settings.crash_before_call),
+            ):
+                try:  # checked before anything is created
+                    parse_call_spec(spec)
+                except BadInput as exc:
+                    raise ConfigError(
+                        f"config error in environment variable {var}: {exc}"
+                    ) from None
             configure(self._settings.log_format, self._settings.verbose)
         return self._settings
 

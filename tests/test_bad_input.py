@@ -339,6 +339,21 @@ SCENARIO_CASES = [
     pytest.param(
         GOOD_SCENARIO.encode() + b"crash_after_step: true\n", "crash_after_step", id="crash-bool"
     ),
+    pytest.param(
+        GOOD_SCENARIO.encode() + b"crash_after_call: reboot_all\n",
+        "crash_after_call",
+        id="crash-call-unknown-op",
+    ),
+    pytest.param(
+        GOOD_SCENARIO.encode() + b"crash_before_call: 0\n",
+        "crash_before_call",
+        id="crash-call-zero",
+    ),
+    pytest.param(
+        GOOD_SCENARIO.encode() + b"crash_after_step: 2\ncrash_after_call: 3\n",
+        "choose one",
+        id="two-crash-hooks",
+    ),
 ]
 
 
