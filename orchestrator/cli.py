@@ -601,6 +601,9 @@ def status(ctx: typer.Context, run_id: Annotated[str | None, typer.Argument()] =
     finally:
         conn.close()
     alive = holder is not None and _holder_alive(holder["pid"], holder["host"])
+    from orchestrator.engine import unfinished_barrier
+
+    barrier = unfinished_barrier(rec.plan, steps) if not rec.finished else None
     advice = {
         "running": f"still running (pid {holder['pid']} on {holder['host']})"
         if alive and holder is not None
@@ -610,6 +613,11 @@ def status(ctx: typer.Context, run_id: Annotated[str | None, typer.Argument()] =
         "dirty": "an operator is needed: fix the failed undo below, then "
         f"`changeover rollback {rec.id}`",
     }.get(rec.status, "")
+    if barrier is not None and not alive:
+        advice = (
+            f"past the point of no return of {barrier} (the new servers serve): "
+            f"`changeover resume {rec.id}` finishes it; rollback is refused"
+        )
     data: dict[str, Any] = {
         "id": rec.id,
         "strategy": rec.strategy,

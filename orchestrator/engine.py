@@ -520,6 +520,13 @@ def _barrier(plan: Plan, records: list[StepRecord]) -> StepRecord | None:
     return None
 
 
+def unfinished_barrier(plan: dict[str, Any], records: list[StepRecord]) -> str | None:
+    """The key of the step a run is stuck past the point of no return of, if any: such a
+    run can only be resumed (`status` says so)."""
+    rec = _barrier(Plan.from_dict(plan), records)
+    return rec.key if rec else None
+
+
 def _undo_order(plan: Plan, records: list[StepRecord]) -> list[StepRecord]:
     """Steps that began, newest first, stopping at the last irreversible step that
     crossed its point of no return."""

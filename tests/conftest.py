@@ -49,6 +49,19 @@ def world(make_world: Callable[..., World]) -> World:
     return make_world()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The controller (not an xdist worker) names the file the crash suites tally into."""
+    import os
+    import tempfile
+
+    from tests.crash_tally import ENV
+
+    if not hasattr(config, "workerinput"):
+        fd, path = tempfile.mkstemp(prefix="changeover-crash-tally-", suffix=".jsonl")
+        os.close(fd)
+        os.environ[ENV] = path
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Print the crash suites' kill points and trials (the README quotes them)."""
     from tests.crash_tally import summary
@@ -58,3 +71,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("crash suite: kill points at mutating provider calls")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import os
+
+    from tests.crash_tally import ENV
+
+    if not hasattr(config, "workerinput") and (path := os.environ.pop(ENV, None)):
+        os.unlink(path)

@@ -84,6 +84,8 @@ def test_kill_while_retiring_then_rollback_refuses_and_resume_finishes(world: Wo
     assert retire["key"] == "RetireServers" and retire["state"] == "started"
     mark = world.cloud.last_call_id()
     members = world.members()
+    status = world.cli("status", run_id).stdout
+    assert "point of no return of RetireServers" in status and "resume" in status, status
     proc = world.cli("rollback", run_id)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"changeover resume {run_id}" in proc.stderr and "serving" in proc.stderr
