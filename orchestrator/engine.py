@@ -504,7 +504,7 @@ class Engine:
         return report
 
 
-def _crossed(plan: Plan, rec: StepRecord) -> bool:
+def _past_no_return(plan: Plan, rec: StepRecord) -> bool:
     """Did this irreversible step reach its point of no return (or finish)?"""
     if not plan.steps[rec.idx].irreversible or rec.state == "pending":
         return False
@@ -515,7 +515,7 @@ def _barrier(plan: Plan, records: list[StepRecord]) -> StepRecord | None:
     """An irreversible step past its point of no return that has not finished: the run
     can only go forward from here."""
     for rec in records:
-        if rec.state in ("started", "failed") and _crossed(plan, rec):
+        if rec.state in ("started", "failed") and _past_no_return(plan, rec):
             return rec
     return None
 
@@ -534,7 +534,7 @@ def _undo_order(plan: Plan, records: list[StepRecord]) -> list[StepRecord]:
     for rec in reversed(records):
         if rec.state == "pending":
             continue
-        if _crossed(plan, rec):
+        if _past_no_return(plan, rec):
             break
         out.append(rec)
     return out

@@ -92,47 +92,51 @@ class LeaseLock:
         if row is None:
             return
         now = self.clock()
-        local = row["host"] == self.host and row["pid"] != os.getpid()
-        if local and pid_alive(row["pid"]):
-            raise self._refuse(row, "alive", now)
-        if row["expires_at"] > now:
-            raise self._refuse(row, "held", now)
+        # As a new run would see it; an expired lease from another host is for
+        # `acquire` to watch.
+        if (why := self._blocker(row, "", now)) in ("alive", "held"):
+            raise self._refuse(row, why, now)
 
     def acquire(self, stack: str, run_id: str) -> Lease:
-        observed: tuple[int, float] | None = None
-        for _ in range(2):
-            now = self.clock()
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                row = self.holder(stack)
-                why = None if row is None else self._blocker(row, run_id, now)
-                if row is not None and why == "observe":
-                    seen = (int(row["token"]), float(row["expires_at"]))
-                    if observed is None:
-                        why = "wait"  # watch it for one heartbeat interval first
-                    elif seen != observed:
-                        raise self._refuse(row, why, now)  # it was renewed: alive
-                    else:
-                        why = None  # no heartbeat for a whole interval: it is dead
-                    observed = seen
-                if row is not None and why not in (None, "wait"):
-                    raise self._refuse(row, why or "held", now)
-                if why != "wait":
-                    token = self._next_token(stack)
-                    self.conn.execute(
-                        "INSERT OR REPLACE INTO locks VALUES (?,?,?,?,?,?,?)",
-                        (stack, run_id, token, os.getpid(), self.host, now, now + self.ttl),
-                    )
-                self.conn.execute("COMMIT")
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            if why != "wait":
-                return Lease(stack, run_id, token, now + self.ttl)
-            # A holder renews every ttl/3 on its own monotonic schedule; half a TTL
-            # without a renewal means it is gone, whatever either wall clock says.
-            self.sleep(self.ttl / 2)
-        raise AssertionError("unreachable: the second look always decides")
+        taken = self._take(stack, run_id, observed=None)
+        if isinstance(taken, Lease):
+            return taken
+        # Held from another host and expired by our clock. A holder renews every ttl/3 on
+        # its own monotonic schedule; half a TTL without a renewal means it is gone,
+        # whatever either wall clock says.
+        self.sleep(self.ttl / 2)
+        taken = self._take(stack, run_id, observed=taken)
+        assert isinstance(taken, Lease), "the second look always decides"
+        return taken
+
+    def _take(
+        self, stack: str, run_id: str, observed: tuple[int, float] | None
+    ) -> Lease | tuple[int, float]:
+        """Take the lease, or raise LockedError; or, for a lease to watch first (and
+        nothing `observed` yet), return what it looks like now."""
+        now = self.clock()
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = self.holder(stack)
+            why = None if row is None else self._blocker(row, run_id, now)
+            if row is not None and why == "observe":
+                seen = (int(row["token"]), float(row["expires_at"]))
+                if observed is None:
+                    self.conn.execute("ROLLBACK")
+                    return seen
+                why = None if seen == observed else why  # unchanged: dead; renewed: alive
+            if row is not None and why is not None:
+                raise self._refuse(row, why, now)
+            token = self._next_token(stack)
+            self.conn.execute(
+                "INSERT OR REPLACE INTO locks VALUES (?,?,?,?,?,?,?)",
+                (stack, run_id, token, os.getpid(), self.host, now, now + self.ttl),
+            )
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        return Lease(stack, run_id, token, now + self.ttl)
 
     def _next_token(self, stack: str) -> int:
         row = self.conn.execute("SELECT last_token FROM fencing WHERE stack=?", (stack,)).fetchone()

@@ -30,7 +30,7 @@ from orchestrator.errors import BadInput, ConfigError
 from orchestrator.guard import parse_call_spec
 from orchestrator.load import DEFAULT_TIMEOUT, LoadGenerator, LoadResult
 from orchestrator.plan import Outcome
-from orchestrator.settings import DEMO_STACK, StackConfig
+from orchestrator.settings import DEMO_STACK, StackConfig, read_utf8
 from providers.local.bootstrap import ensure_stack
 from providers.local.cloud import LocalCloud
 from providers.local.daemon import kill_pid, pid_alive
@@ -378,16 +378,7 @@ def load_scenario(path: Path) -> Scenario:
     """Read and check the whole scenario file: a bad one is a ConfigError of one line
     naming the key, raised before anything is started or written."""
     where = f"scenario {path}"
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read it ({exc.strerror})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
-        ) from None
+    text = read_utf8(Path(path), where)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

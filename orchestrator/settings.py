@@ -365,19 +365,30 @@ def _describe(err: ValidationError, source: str) -> str:
     return _one_line(f"config error in {source}: {loc}: {msg}{tail}")
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    """The config file as data, or a ConfigError saying why it is not a config."""
+def read_utf8(path: Path, where: str, *, decode_where: str | None = None, hint: str = "") -> str:
+    """A text file (config, scenario), or a one-line ConfigError: unreadable, or not UTF-8
+    (naming the first bad byte and its offset)."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"config file {str(path)!r}: cannot read it ({exc.strerror})") from None
+        raise ConfigError(f"{where}: cannot read it ({exc.strerror})") from None
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(
-            f"config error in {path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
-            f"offset {exc.start}); TOML files are UTF-8"
+            f"{decode_where or where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
+            f"offset {exc.start}){hint}"
         ) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The config file as data, or a ConfigError saying why it is not a config."""
+    text = read_utf8(
+        path,
+        f"config file {str(path)!r}",
+        decode_where=f"config error in {path}",
+        hint="; TOML files are UTF-8",
+    )
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
