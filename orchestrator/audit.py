@@ -7,7 +7,8 @@ compares component versions with what the last run recorded for that server (its
 VerifyServers step in the journal), and recommends replace, patch, reboot or leave,
 for each server and for the stack. The audit makes only read calls to the provider and
 changes nothing on the servers; it appends what it read to the state database, so that
-versions are recorded regularly, not only by runs.
+versions are recorded regularly, not only by runs, and keeps each server's latest facts,
+which `plan rotate --only-if-needed` decides from (orchestrator/facts.py).
 
 Exit codes: 0 when every server could be asked (whatever the findings); 2 when a server
 refused us (an unknown or changed SSH host key, a rejected login): nothing ran there.
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.db import connect
 from orchestrator.errors import BadInput, CapabilityError, ChangeoverError, PreconditionFailed
+from orchestrator.facts import ago, record_facts
 from orchestrator.hygiene import (
     ACTIONS,
     Action,
@@ -244,15 +246,6 @@ class ServerAudit:
         }
 
 
-def _ago(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:.0f}s"
-
-
 def _when(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
 
@@ -307,12 +300,12 @@ class AuditReport:
     # --- text --------------------------------------------------------------------------
     def _facts_rows(self, a: ServerAudit) -> list[list[str]]:
         rows: list[list[str]] = [["state", a.server.state + (", serving" if a.serving else "")]]
-        rows.append(["launched", f"{_ago(a.age)} ago"])
+        rows.append(["launched", f"{ago(a.age)} ago"])
         f = a.facts
         if a.error:
             rows.append(["error", a.error])
         if f is not None:
-            rows.append(["uptime", _ago(f.uptime)])
+            rows.append(["uptime", ago(f.uptime)])
             rows.append(["os", f.os.get("pretty_name", "?")])
             k = f.kernel
             kernel = k.running or "?"
@@ -414,8 +407,8 @@ class AuditReport:
                     a.server.role,
                     a.server.generation,
                     "yes" if a.serving else "",
-                    _ago(a.age),
-                    _ago(f.uptime) if f else "?",
+                    ago(a.age),
+                    ago(f.uptime) if f else "?",
                     pending,
                     sec,
                     reboot,
@@ -515,11 +508,12 @@ def audit_stack(
     now = time.time() if now is None else now
     policy = config.hygiene
     servers = provider.list_servers(stack)
-    try:
-        members = set(provider.get_members(stack, config.address))
-    except ChangeoverError as exc:
-        log.warning(AUDIT_SERVER_FAILED, address=config.address, error=str(exc))
-        members = set()
+    members: set[str] = set()
+    for ep in config.entry_points:
+        try:
+            members |= set(provider.get_members(stack, ep.name))
+        except ChangeoverError as exc:
+            log.warning(AUDIT_SERVER_FAILED, address=ep.name, error=str(exc))
     transport = transport or select_transport(provider, policy)
     script = fact_script(policy)
     conn = connect(state_dir)
@@ -571,6 +565,14 @@ def audit_stack(
             audits = [audit_one(s) for s in servers]
         if record:
             record_versions(conn, stack, audits, now)
+            # What `plan rotate --only-if-needed` decides from, as it may not ask (I8).
+            record_facts(
+                conn,
+                stack,
+                {a.server.id: a.facts for a in audits if a.facts is not None},
+                now,
+                existing=[s.id for s in servers],
+            )
     finally:
         conn.close()
     recommendation, command = stack_recommendation(stack, config, audits)

@@ -222,8 +222,14 @@ def _print_plan(settings: Settings, plan: Plan, provider: Provider | None = None
     for k, v in plan.summary.items():
         lines.append(f"  {k}: {v}")
     lines += [f"  {i + 1:>2}. {s.describe()}" for i, s in enumerate(plan.steps)]
+    if unverified := plan.summary.get("needs_verification"):
+        # Decided from recorded facts (I8): these servers had none to decide from.
+        lines.append(
+            f"  {len(unverified)} server(s) need verification: no recorded facts; "
+            f"`changeover audit {plan.stack}` records them, a real run verifies them live"
+        )
     if not plan.steps:
-        lines.append("  nothing to do")
+        lines.append("  nothing to do" + (" on the recorded facts" if unverified else ""))
     table = (
         f"plan: {plan.strategy} {plan.stack}",
         ["#", "step", "parameters"],
@@ -354,7 +360,7 @@ def stacks(ctx: typer.Context) -> None:
         row: dict[str, Any] = {
             "stack": name,
             "provider": config.provider,
-            "address": config.address,
+            "address": ", ".join(ep.name for ep in config.entry_points),
         }
         try:
             provider = make_provider(settings, name, config)
@@ -362,7 +368,7 @@ def stacks(ctx: typer.Context) -> None:
                 name,
                 config,
                 provider.list_servers(name),
-                provider.get_members(name, config.address),
+                {ep.name: provider.get_members(name, ep.name) for ep in config.entry_points},
             )
             row.update(generation=view.generation, servers=len(view.servers), holder=view.members)
         except ChangeoverError as exc:
@@ -432,6 +438,8 @@ def plan(
         min_healthy=min_healthy,
         older_than=older_than,
         only_if_needed=only_if_needed,
+        live=False,  # a plan makes only read calls (I8): it decides from recorded facts
+        state_dir=settings.state_path,
     )
     raise typer.Exit(_execute(settings, stack, builder, yes=False, dry_run=True))
 
@@ -462,6 +470,8 @@ def _builder(strategy: str, **o: Any) -> Any:
             min_healthy=o["min_healthy"],
             older_than=older,
             only_if_needed=o["only_if_needed"],
+            live=o.get("live", False),
+            state_dir=o.get("state_dir"),
         )
     raise BadInput(f"unknown strategy {strategy!r} (rebuild, rotate)")
 
@@ -509,6 +519,9 @@ def rotate(
         min_healthy=min_healthy,
         older_than=older_than,
         only_if_needed=only_if_needed,
+        # A real run may ask the servers (SSM on aws); --dry-run only reads (I8).
+        live=not dry_run,
+        state_dir=settings.state_path,
     )
     raise typer.Exit(_execute(settings, stack, builder, yes, dry_run))
 
@@ -746,7 +759,7 @@ def local_up(ctx: typer.Context) -> None:
     for name, config in sorted(settings.stacks.items()):
         if config.provider == "local":
             created = ensure_stack(cloud, name, config)
-            info = cloud.address(name, config.address)
+            info = cloud.address(name, config.primary_address)
             out[name] = {"created": created, "address": f"127.0.0.1:{info.port}" if info else None}
     _emit(
         settings,

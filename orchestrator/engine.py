@@ -223,6 +223,11 @@ class Engine:
 
     def _context(self, run_id: str, plan: Plan, lease: Lease) -> RunContext:
         outputs = {r.key: r.outputs for r in self.journal.steps(run_id) if r.state == "done"}
+        # Host keys pinned by an earlier process's gate: a resumed run trusts the same
+        # keys (and reads no console again) for the servers it connects to.
+        pins = {k: v for out in outputs.values() for k, v in out.get("host_keys", {}).items()}
+        if pins:
+            self.provider.pin_host_keys(plan.stack, [], pins)
         holder = {"lease": lease}
 
         def heartbeat() -> None:
@@ -268,6 +273,9 @@ class Engine:
         def call() -> StepResult | None:
             self._tries += 1
             ctx.heartbeat()
+            if self._tries > 1:
+                ctx.first_attempt = False
+                ctx.provider.refresh()  # a retry is a poll: it reads the world afresh
             return fn()
 
         self._tries = 0
@@ -333,6 +341,7 @@ class Engine:
             t0 = time.monotonic()
             self._doing = (run_id, idx, step)
             self._crossed = records[idx].outputs.get("point_of_no_return") is not None
+            ctx.first_attempt = records[idx].state == "pending"
             try:
                 result: StepResult = self._attempt(step, ctx, step_call(step.do, ctx))
             except FencedError:
@@ -451,11 +460,13 @@ class Engine:
             destroyed += rec.outputs.get("destroyed", [])
             if rec.undo_state == "done" and rec.outputs.get("created"):
                 destroyed += rec.outputs["created"]
-        address = self.config.address
-        try:
-            holder_after = sorted(self.provider.get_members(plan.stack, address))
-        except ChangeoverError:
-            holder_after = []
+        entry_after: dict[str, list[str]] = {}
+        for ep in self.config.entry_points:
+            try:
+                entry_after[ep.name] = sorted(self.provider.get_members(plan.stack, ep.name))
+            except ChangeoverError:
+                entry_after[ep.name] = []
+        holder_after = sorted({m for ms in entry_after.values() for m in ms})
         ps = plan.summary
         gen_after = ps.get("generation_after") if outcome == Outcome.SUCCEEDED else None
         return {
@@ -468,9 +479,13 @@ class Engine:
                 "after": gen_after if gen_after is not None else ps.get("generation_before"),
             },
             "address": {
-                "name": address,
+                "name": self.config.primary_address,
                 "before": ps.get("members_before", []),
                 "after": holder_after,
+            },
+            "entry_points": {
+                name: {"before": ps.get("entry_points_before", {}).get(name, []), "after": after}
+                for name, after in entry_after.items()
             },
             "servers": {"created": created, "destroyed": sorted(set(destroyed))},
             "timings": {r.key: r.seconds for r in records if r.seconds is not None},
@@ -481,11 +496,19 @@ class Engine:
         """Each resource the stack has and its state, for an operator to act on."""
         try:
             servers = self.provider.list_servers(plan.stack)
-            members = self.provider.get_members(plan.stack, self.config.address)
+            routes = {
+                ep.name: self.provider.get_members(plan.stack, ep.name)
+                for ep in self.config.entry_points
+            }
         except ChangeoverError as exc:
             return {"error": f"could not read the provider: {exc}"}
+        members = {m for ms in routes.values() for m in ms}
         data_role = self.config.data_role
-        report: dict[str, Any] = {"address_members": members, "servers": []}
+        report: dict[str, Any] = {
+            "address_members": sorted(members),
+            "entry_points": routes,
+            "servers": [],
+        }
         for s in servers:
             entry: dict[str, Any] = {
                 "id": s.id,

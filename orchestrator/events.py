@@ -27,6 +27,7 @@ STEP_POINT_OF_NO_RETURN = "step.point_of_no_return"
 
 CUTOVER_SKIPPED = "cutover.skipped"
 CUTOVER_REFUSED = "cutover.refused"
+DESTROY_REFUSED = "destroy.refused"
 CUTOVER_DONE = "cutover.done"
 BAKE_CHECK = "bake.check"
 BAKE_FAILED = "bake.failed"

@@ -81,6 +81,9 @@ class RunContext:
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     heartbeat: Callable[[], None] = lambda: None
+    # The step being run never began before (not retried, not resumed): nothing it
+    # creates exists yet, so a provider may skip its look-up for earlier attempts.
+    first_attempt: bool = False
 
     def output(self, step_key: str) -> dict[str, Any]:
         return self.outputs.get(step_key, {})
@@ -91,6 +94,8 @@ class RunContext:
         while (left := end - self.clock()) > 0:
             self.heartbeat()
             self.sleep(min(left, 1.0))
+        if seconds > 0:
+            self.provider.refresh()  # what was read before the wait is stale now
 
 
 STEP_TYPES: dict[str, type[Step]] = {}

@@ -42,8 +42,13 @@ CLI_TIMEOUT = 300.0  # seconds any one changeover subprocess may take
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, (str, list)):
-        return json.dumps(v)  # a JSON string or array of scalars is valid TOML
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML string
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table: entry points in `addresses`
+        pairs = ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items() if x is not None)
+        return "{ " + pairs + " }"
     return str(v)
 
 
@@ -133,13 +138,13 @@ class World:
     # --- what is true now -----------------------------------------------------------------
     @property
     def address_port(self) -> int:
-        info = self.cloud.address(self.stack, self.config.address)
+        info = self.cloud.address(self.stack, self.config.primary_address)
         if info is None:
             raise RuntimeError("address proxy is not running")
         return info.port
 
     def members(self) -> list[str]:
-        info = self.cloud.address(self.stack, self.config.address)
+        info = self.cloud.address(self.stack, self.config.primary_address)
         assert info is not None
         token = self.cloud.control_token
         members = request(info.control_port, "GET", "/members", token=token)[1]["members"]

@@ -246,15 +246,64 @@ class LibcloudOptions(_Strict):
         return self
 
 
+AddressType = Literal["auto", "proxy", "elastic-ip", "target-group", "floating-ip", "load-balancer"]
+# The keys that name an entry point by its type: `{ target_group = "...", roles = [...] }`.
+_ENTRY_KEYS: dict[str, AddressType] = {
+    "address": "auto",
+    "elastic_ip": "elastic-ip",
+    "target_group": "target-group",
+    "floating_ip": "floating-ip",
+    "load_balancer": "load-balancer",
+    "proxy": "proxy",
+}
+
+
+class EntryPoint(_Strict):
+    """One way traffic reaches the stack: an elastic IP, a target group, a floating IP, a
+    load balancer or (local cloud) a proxy, serving the roles it names."""
+
+    address: str | None = Field(default=None, min_length=1)
+    elastic_ip: str | None = Field(default=None, min_length=1)
+    target_group: str | None = Field(default=None, min_length=1)
+    floating_ip: str | None = Field(default=None, min_length=1)
+    load_balancer: str | None = Field(default=None, min_length=1)
+    proxy: str | None = Field(default=None, min_length=1)
+    type: AddressType = Field(default="auto", description="with `address`: what it names")
+    roles: list[str] = Field(
+        default_factory=list, description="the roles served through it; empty: every serving role"
+    )
+
+    @model_validator(mode="after")
+    def _one_name(self) -> EntryPoint:
+        given = [k for k in _ENTRY_KEYS if getattr(self, k) is not None]
+        if len(given) != 1:
+            keys = ", ".join(_ENTRY_KEYS)
+            raise ValueError(f"an entry point names exactly one of {keys} (got {len(given)})")
+        if given[0] != "address":
+            if self.type not in ("auto", _ENTRY_KEYS[given[0]]):
+                raise ValueError(f"{given[0]} with type = {self.type!r}: drop `type`")
+            self.type = _ENTRY_KEYS[given[0]]
+        return self
+
+    @property
+    def name(self) -> str:
+        return str(next(v for k in _ENTRY_KEYS if (v := getattr(self, k)) is not None))
+
+
 class StackConfig(_Strict):
-    """One stack: where it lives, its entry point, its roles, its defaults."""
+    """One stack: where it lives, its entry points, its roles, its defaults."""
 
     provider: str = "local"
     region: str | None = None
     endpoint_url: str | None = None
     profile: str | None = None
-    address: str = Field(min_length=1)
-    address_type: Literal["auto", "proxy", "elastic-ip", "target-group", "floating-ip"] = "auto"
+    address: str | None = Field(
+        default=None, min_length=1, description="the one entry point (or use `addresses`)"
+    )
+    address_type: AddressType = "auto"
+    addresses: list[EntryPoint] = Field(
+        default_factory=list, description="several entry points, each serving named roles"
+    )
     libcloud: LibcloudOptions | None = None
     roles: dict[str, RoleConfig]
     defaults: StrategyDefaults = StrategyDefaults()
@@ -278,7 +327,46 @@ class StackConfig(_Strict):
             raise ValueError("at most one role may hold data")
         if self.provider not in ("local", "aws") and not self.provider.startswith("libcloud"):
             raise ValueError(f"unknown provider {self.provider!r} (local, aws, libcloud:<driver>)")
+        if (self.address is None) == (not self.addresses):
+            raise ValueError(
+                "set `address` (one entry point) or `addresses` (several), not both"
+                if self.addresses
+                else "a stack needs `address` or `addresses` (its entry points)"
+            )
+        seen: set[str] = set()
+        for ep in self.addresses:
+            if ep.name in seen:
+                raise ValueError(f"entry point {ep.name!r} is listed twice")
+            seen.add(ep.name)
+            for role in ep.roles:
+                if role not in self.roles or self.roles[role].data:
+                    raise ValueError(
+                        f"entry point {ep.name!r} names role {role!r}, which is not a serving "
+                        f"role (serving roles: {', '.join(self.serving_roles)})"
+                    )
         return self
+
+    @property
+    def entry_points(self) -> list[EntryPoint]:
+        """The stack's entry points, each with its roles spelled out."""
+        if self.address is not None:
+            eps = [EntryPoint(address=self.address, type=self.address_type)]
+        else:
+            eps = self.addresses
+        return [
+            ep if ep.roles else ep.model_copy(update={"roles": self.serving_roles}) for ep in eps
+        ]
+
+    def entry_point(self, name: str) -> EntryPoint:
+        for ep in self.entry_points:
+            if ep.name == name:
+                return ep
+        raise ConfigError(f"{name!r} is not an entry point of this stack")
+
+    @property
+    def primary_address(self) -> str:
+        """The first entry point: the one a rehearsal's load goes through."""
+        return self.entry_points[0].name
 
     @property
     def data_role(self) -> str | None:

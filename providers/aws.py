@@ -15,8 +15,10 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
+import json
 import socket
 import time
 from collections import Counter
@@ -65,6 +67,7 @@ from orchestrator.models import (
 )
 from orchestrator.settings import HealthCheck, HygienePolicy, RoleConfig, StackConfig
 from providers.cloudinit import READY_FILE, first_boot_user_data
+from providers.hostkeys import HostKeyPins, ssh_transport
 from providers.transport import CommandResult, Transport, TransportUnavailable
 
 # Error codes AWS documents as worth retrying, plus eventual consistency after a launch.
@@ -104,6 +107,35 @@ STATE_MAP: dict[str, ServerState] = {
     "terminated": "terminated",
 }
 SSM_POLL = 1.0  # seconds between GetCommandInvocation polls
+# Reads kept for reuse until the engine's next poll or wait (refresh()) or a change of
+# ours that makes them stale: a step that just read the instances, the address holder or
+# the target health does not ask AWS again (API economy). Polls (GetCommandInvocation,
+# waiters) are never kept.
+KEPT_READS = frozenset(
+    {
+        "describe_instances",
+        "describe_addresses",
+        "describe_target_health",
+        "describe_target_groups",
+        "describe_tags",
+        "describe_instance_status",
+        "describe_volumes",
+        "get_parameter",
+    }
+)
+# What each of our changes makes stale; any other change forgets every kept read.
+# Launching adds instances (listings change, known instances do not); terminating drops
+# the instances it names; an address move changes holders and public IPs; a target
+# (de)registration changes target health; a command over SSM changes nothing kept.
+STALE_AFTER: dict[str, frozenset[str]] = {
+    "run_instances": frozenset({"describe_instances"}),
+    "terminate_instances": frozenset({"describe_instances"}),
+    "associate_address": frozenset({"describe_addresses", "describe_instances"}),
+    "disassociate_address": frozenset({"describe_addresses", "describe_instances"}),
+    "register_targets": frozenset({"describe_target_health"}),
+    "deregister_targets": frozenset({"describe_target_health"}),
+    "send_command": frozenset(),
+}
 HTTP_PORT = 80
 
 Prober = Callable[[str, int, str, float], tuple[int, str | None]]
@@ -125,6 +157,11 @@ def http_probe(host: str, port: int, path: str, timeout: float) -> tuple[int, st
 
 def is_mutating(operation: str) -> bool:
     return operation.startswith(MUTATING_PREFIXES)
+
+
+def to_op_name(method: str) -> str:
+    """boto3's method name as the API's operation name: run_instances -> RunInstances."""
+    return "".join(part.capitalize() for part in method.split("_"))
 
 
 class AwsError(ChangeoverError):
@@ -235,21 +272,60 @@ class AwsProvider:
         self.calls: Counter[str] = Counter()
         self.prober = prober
         self.transport: Transport = transport or SsmTransport(self)
+        # SSH host keys are pinned from the console before the first connection.
+        self.host_keys = HostKeyPins(console=self._console_output)
+        if transport is None and config.hygiene.transport == "ssh":
+            self.transport = ssh_transport(config.hygiene.ssh, self.host_keys)
+        self.host_keys.attach(self.transport)
         self.sleep = sleep
         self.call_attempts = call_attempts
         self.call_deadline = call_deadline
         self.log = get_logger(provider="aws", stack_name=stack)
-        self._tg_arn: str | None = None
+        self._tg_arns: dict[str, str] = {}  # target group name or ARN -> checked ARN
         self._statuses: dict[str, Any] = {}  # one batch's DescribeInstanceStatus answers
+        self._kept: dict[str, Any] = {}  # reads kept until refresh() or a change
+        self._known: dict[str, dict[str, Any]] = {}  # instances of the stack, by id, ditto
 
     @property
     def api_calls(self) -> Counter[str]:
         return self.accounting.calls
 
     # --- calling AWS -----------------------------------------------------------------
+    def refresh(self) -> None:
+        """Forget kept reads: the engine's next poll asks AWS again."""
+        self._kept.clear()
+        self._known.clear()
+
+    def _stale(self, operation: str, kwargs: dict[str, Any]) -> None:
+        """Forget what one of our changes makes stale (before it is sent: a call that
+        fails part-way may have changed things too)."""
+        if operation not in STALE_AFTER:
+            self.refresh()
+            return
+        stale = STALE_AFTER[operation]
+        self._kept = {k: v for k, v in self._kept.items() if k.split(" ", 1)[0] not in stale}
+        for instance in [*kwargs.get("InstanceIds", []), kwargs.get("InstanceId")]:
+            self._known.pop(str(instance), None)
+
+    def _keep(self, operation: str, kwargs: dict[str, Any], fn: Callable[[], Any]) -> Any:
+        """A read answered from what this poll already read, or read and kept."""
+        if is_mutating(to_op_name(operation)):
+            self._stale(operation, kwargs)
+            return fn()
+        if operation not in KEPT_READS:
+            return fn()
+        key = f"{operation} {json.dumps(kwargs, sort_keys=True, default=str)}"
+        if key not in self._kept:
+            self._kept[key] = fn()
+        return self._kept[key]
+
     def api(self, client: Any, operation: str, **kwargs: Any) -> Any:
         """One AWS call, retried with jittered backoff while AWS says it is transient."""
-        return self._retrying(operation, lambda: getattr(client, operation)(**kwargs))
+        return self._keep(
+            operation,
+            kwargs,
+            lambda: self._retrying(operation, lambda: getattr(client, operation)(**kwargs)),
+        )
 
     def paginate(self, client: Any, operation: str, key: str, **kwargs: Any) -> list[Any]:
         """Every item of a paginated call (boto3's paginator), retried as a whole: a
@@ -259,7 +335,9 @@ class AwsProvider:
             pages = client.get_paginator(operation).paginate(**kwargs)
             return [item for page in pages for item in page.get(key, [])]
 
-        result: list[Any] = self._retrying(operation, everything)
+        result: list[Any] = self._keep(
+            operation, {"_key": key, **kwargs}, lambda: self._retrying(operation, everything)
+        )
         return result
 
     def _retrying(self, operation: str, fn: Callable[[], Any]) -> Any:
@@ -294,11 +372,21 @@ class AwsProvider:
     # --- servers -------------------------------------------------------------------------
     def _instances(self, stack: str, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
         flt = [{"Name": f"tag:{TAG_STACK}", "Values": [stack]}, *filters]
-        return [
+        found = [
             i
             for r in self.paginate(self.ec2, "describe_instances", "Reservations", Filters=flt)
             for i in r["Instances"]
         ]
+        self._known.update((i["InstanceId"], i) for i in found)
+        return found
+
+    def _by_ids(self, stack: str, ids: list[str]) -> list[dict[str, Any]]:
+        """The stack's instances among `ids`: from what was read since the last poll if
+        every one is known, else one DescribeInstances. A filter (not InstanceIds), so an
+        id AWS does not show yet is simply absent, and only our own come back (I7)."""
+        if all(i in self._known for i in ids):
+            return [self._known[i] for i in ids]
+        return self._instances(stack, [{"Name": "instance-id", "Values": ids}])
 
     def _to_server(self, inst: dict[str, Any]) -> Server:
         tags = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
@@ -328,10 +416,7 @@ class AwsProvider:
         self._op("describe_servers")
         if not ids:
             return []
-        # A filter (not InstanceIds) so an id AWS does not show yet is simply absent
-        # rather than an error, and so only our own instances ever come back (I7).
-        found = self._instances(stack, [{"Name": "instance-id", "Values": ids}])
-        return [self._to_server(i) for i in found]
+        return [self._to_server(i) for i in self._by_ids(stack, ids)]
 
     def _image(self, role: str, cfg: RoleConfig) -> dict[str, Any]:
         launch = cfg.launch
@@ -371,13 +456,16 @@ class AwsProvider:
         size: str,
         idempotency_key: str,
         links: dict[str, str],
+        fresh: bool = False,
     ) -> list[Server]:
         self._op("create_servers")
         token_filter = [
             {"Name": f"tag:{TAG_TOKEN}", "Values": [idempotency_key]},
             {"Name": "instance-state-name", "Values": LIVE_STATES},
         ]
-        existing = self._instances(stack, token_filter)
+        # A first attempt finds nothing; a retried or resumed one may find a launch that
+        # went through (the ClientToken below guards the same on AWS's side).
+        existing = [] if fresh else self._instances(stack, token_filter)
         missing = count - len(existing)
         if missing <= 0:
             return [self._to_server(i) for i in existing[:count]]
@@ -423,8 +511,7 @@ class AwsProvider:
         self._op("destroy_servers")
         if not ids:
             return []
-        found = self._instances(stack, [{"Name": "instance-id", "Values": ids}])
-        owned = {i["InstanceId"]: i for i in found}
+        owned = {i["InstanceId"]: i for i in self._by_ids(stack, ids)}
         if foreign := [i for i in ids if i not in owned]:
             raise PreconditionFailed(
                 f"instances {foreign} do not carry {TAG_STACK}={stack}; refusing to touch them"
@@ -471,30 +558,41 @@ class AwsProvider:
         report.hygiene_ok = self._hygiene(server, policy, report)
         return report
 
+    def _status_checks(self, instance_id: str) -> tuple[bool, str]:
+        """EC2's own status checks of one instance (from the batch's answer if any)."""
+        if instance_id in self._statuses:
+            st = [self._statuses[instance_id]]
+        else:
+            st = self.api(
+                self.ec2,
+                "describe_instance_status",
+                InstanceIds=[instance_id],
+                IncludeAllInstances=True,
+            )["InstanceStatuses"]
+        statuses = (
+            {st[0]["InstanceStatus"]["Status"], st[0]["SystemStatus"]["Status"]}
+            if st
+            else {"initializing"}
+        )
+        if statuses == {"ok"}:
+            return True, ""
+        if statuses <= {"ok", "initializing", "not-applicable"}:
+            # Status checks settle a few minutes after boot: wait, don't fail.
+            raise TransientError(f"ec2 status checks of {instance_id} still initializing")
+        return False, f"ec2 status checks: {', '.join(sorted(statuses))}"
+
     def _app_health(self, server: Server, check: HealthCheck) -> tuple[bool, str]:
         if check.type == "ec2-status":
-            if server.id in self._statuses:
-                st = [self._statuses[server.id]]
-            else:
-                st = self.api(
-                    self.ec2,
-                    "describe_instance_status",
-                    InstanceIds=[server.id],
-                    IncludeAllInstances=True,
-                )["InstanceStatuses"]
-            statuses = (
-                {st[0]["InstanceStatus"]["Status"], st[0]["SystemStatus"]["Status"]}
-                if st
-                else {"initializing"}
-            )
-            if statuses == {"ok"}:
-                return True, ""
-            if statuses <= {"ok", "initializing", "not-applicable"}:
-                # Status checks settle a few minutes after boot: wait, don't fail.
-                raise TransientError(f"ec2 status checks of {server.id} still initializing")
-            return False, f"ec2 status checks: {', '.join(sorted(statuses))}"
+            return self._status_checks(server.id)
         if check.type == "target-group":
-            health = self._target_health().get(server.id)
+            groups = [
+                ep.name
+                for ep in self.config.entry_points
+                if server.role in ep.roles and self._address_kind(ep.name) == "target-group"
+            ]
+            if not groups:
+                return False, f"no target group serves role {server.role!r}"
+            health = self._target_health(groups[0]).get(server.id)
             return health == "healthy", "" if health == "healthy" else f"target is {health}"
         if server.host is None:
             return False, "instance has no address to check"
@@ -530,20 +628,51 @@ class AwsProvider:
         del policy
         return self.transport
 
+    # --- SSH host keys (providers/hostkeys.py) -----------------------------------------------
+    def pin_host_keys(
+        self, stack: str, servers: list[Server], known: dict[str, list[str]]
+    ) -> dict[str, list[str]]:
+        """Pin new instances' host keys from their console before hygiene connects over
+        SSH (`known`: pins recorded in the journal, used as they are). Over SSM: {}."""
+        if not self.host_keys.active:
+            return {}
+        self._op("pin_host_keys")
+        return self.host_keys.pin_servers(servers, known)
+
+    def ex_host_keys(self, server: Server) -> list[str]:
+        """The keys pinned for a server, else its console's: for `audit` over SSH."""
+        return self.host_keys(server)
+
+    def _console_output(self, server: Server) -> str | None:
+        """The instance's serial console (GetConsoleOutput; AWS sends it base64-encoded).
+        cloud-init prints the SSH host keys there; empty until it has."""
+        try:
+            out = self.api(self.ec2, "get_console_output", InstanceId=server.id, Latest=True)
+        except AwsError as exc:
+            if exc.code != "UnsupportedOperation":
+                raise
+            # Only Nitro instances offer the latest output; the others buffer it at boot.
+            out = self.api(self.ec2, "get_console_output", InstanceId=server.id)
+        encoded = out.get("Output") or ""
+        try:
+            return base64.b64decode(encoded).decode(errors="replace")
+        except ValueError:
+            return None
+
     # --- address ---------------------------------------------------------------------------
-    def _address_kind(self) -> Literal["elastic-ip", "target-group"]:
-        kind = self.config.address_type
+    def _address_kind(self, address: str) -> Literal["elastic-ip", "target-group"]:
+        kind = self.config.entry_point(address).type
         if kind in ("elastic-ip", "target-group"):
             return kind
-        if kind in ("proxy", "floating-ip"):
-            raise CapabilityError("aws", f"address type {kind!r}", "use elastic-ip or target-group")
-        address = self.config.address
+        if kind != "auto":
+            raise CapabilityError(
+                "aws", f"entry point type {kind!r}", "use elastic_ip or target_group"
+            )
         if address.startswith("eipalloc-") or address.replace(".", "").isdigit():
             return "elastic-ip"
         return "target-group"
 
-    def _eip(self, stack: str) -> dict[str, Any]:
-        address = self.config.address
+    def _eip(self, stack: str, address: str) -> dict[str, Any]:
         key = "AllocationIds" if address.startswith("eipalloc-") else "PublicIps"
         found = self.api(self.ec2, "describe_addresses", **{key: [address]})["Addresses"]
         if not found:
@@ -556,9 +685,8 @@ class AwsProvider:
             )
         return eip
 
-    def _target_group(self, stack: str) -> str:
-        if self._tg_arn is None:
-            address = self.config.address
+    def _target_group(self, stack: str, address: str) -> str:
+        if address not in self._tg_arns:
             if address.startswith("arn:"):
                 arn = address
             else:
@@ -570,33 +698,40 @@ class AwsProvider:
                 raise PreconditionFailed(
                     f"target group {address} does not carry {TAG_STACK}={stack}; refusing it"
                 )
-            self._tg_arn = arn
-        return self._tg_arn
+            self._tg_arns[address] = arn
+        return self._tg_arns[address]
 
-    def _target_health(self) -> dict[str, str]:
-        arn = self._target_group(self.stack)
+    def _target_health(self, address: str) -> dict[str, str]:
+        arn = self._target_group(self.stack, address)
         described = self.api(self.elbv2, "describe_target_health", TargetGroupArn=arn)
         return {
             d["Target"]["Id"]: d["TargetHealth"]["State"]
             for d in described["TargetHealthDescriptions"]
         }
 
+    def _target_groups(self) -> list[str]:
+        return [
+            ep.name
+            for ep in self.config.entry_points
+            if self._address_kind(ep.name) == "target-group"
+        ]
+
     def address_capacity(self, stack: str, address: str) -> int | None:
-        return 1 if self._address_kind() == "elastic-ip" else None
+        return 1 if self._address_kind(address) == "elastic-ip" else None
 
     def get_members(self, stack: str, address: str) -> list[str]:
         self._op("get_members")
-        if self._address_kind() == "elastic-ip":
-            holder = self._eip(stack).get("InstanceId")
+        if self._address_kind(address) == "elastic-ip":
+            holder = self._eip(stack, address).get("InstanceId")
             return [holder] if holder else []
-        return [i for i, state in self._target_health().items() if state != "draining"]
+        return [i for i, state in self._target_health(address).items() if state != "draining"]
 
     def set_members(self, stack: str, address: str, ids: list[str]) -> None:
         self._op("set_members")
-        if self._address_kind() == "elastic-ip":
+        if self._address_kind(address) == "elastic-ip":
             if len(ids) != 1:
                 raise CapabilityError("aws", f"an elastic IP holding {len(ids)} servers")
-            eip = self._eip(stack)
+            eip = self._eip(stack, address)
             if eip.get("InstanceId") == ids[0]:
                 return
             # moto (like old EC2-Classic code paths) refuses a move without this spelled out.
@@ -608,14 +743,14 @@ class AwsProvider:
                 AllowReassociation=True,
             )
             return
-        arn = self._target_group(stack)
-        health = self._target_health()
+        arn = self._target_group(stack, address)
+        health = self._target_health(address)
         new = [i for i in ids if i not in health or health[i] == "draining"]
         if new:
             self.api(
                 self.elbv2, "register_targets", TargetGroupArn=arn, Targets=[{"Id": i} for i in new]
             )
-            health = self._target_health()
+            health = self._target_health(address)
         if waiting := [i for i in ids if health.get(i) != "healthy"]:
             # Old targets stay registered until every new one is healthy; the engine
             # retries this step, which re-reads and registers nothing twice.
@@ -631,17 +766,39 @@ class AwsProvider:
     def inflight(self, stack: str, address: str) -> dict[str, int]:
         """Targets still draining count as busy until the deregistration delay is over."""
         self._op("inflight")
-        if self._address_kind() == "elastic-ip":
+        if self._address_kind(address) == "elastic-ip":
             return {}
-        return {i: 1 for i, s in self._target_health().items() if s == "draining"}
+        return {i: 1 for i, s in self._target_health(address).items() if s == "draining"}
+
+    def routes_to(self, stack: str, ids: list[str]) -> dict[str, list[str]]:
+        """One DescribeAddresses for the whole batch (any elastic IP of the account, even
+        one the config does not know), and the stack's target groups' registrations."""
+        self._op("routes_to")
+        if not ids:
+            return {}
+        out: dict[str, list[str]] = {}
+        held = self.api(
+            self.ec2, "describe_addresses", Filters=[{"Name": "instance-id", "Values": ids}]
+        )["Addresses"]
+        for eip in held:
+            if eip.get("InstanceId") in ids:
+                name = eip.get("AllocationId") or eip.get("PublicIp")
+                out.setdefault(eip["InstanceId"], []).append(
+                    f"elastic IP {name} ({eip.get('PublicIp')})"
+                )
+        for address in self._target_groups():
+            for i, state in self._target_health(address).items():
+                if i in ids and state != "draining":
+                    out.setdefault(i, []).append(f"target group {address}")
+        return out
 
     def probe_address(self, stack: str, address: str, path: str) -> tuple[int, str | None]:
         """Through the address: HTTP when the serving role is checked over HTTP, else the
         provider's own view of who holds the address and whether it is healthy."""
         self._op("probe_address")
-        role = self.config.roles[self.config.serving_roles[0]]
-        if self._address_kind() == "elastic-ip":
-            eip = self._eip(stack)
+        role = self.config.roles[self.config.entry_point(address).roles[0]]
+        if self._address_kind(address) == "elastic-ip":
+            eip = self._eip(stack, address)
             holder = eip.get("InstanceId")
             if role.health.type in ("http", "tcp"):
                 status, backend = self.prober(
@@ -650,10 +807,12 @@ class AwsProvider:
                 return status, backend or holder
             if holder is None:
                 return 503, None
+            if role.health.type == "ec2-status":
+                return (200 if self._status_checks(holder)[0] else 503), holder
             server = self.describe_servers(stack, [holder])
             ok, _ = self._app_health(server[0], role.health) if server else (False, "")
             return (200 if ok else 503), holder
-        health = self._target_health()
+        health = self._target_health(address)
         healthy = sorted(i for i, s in health.items() if s == "healthy")
         if not healthy:
             return 503, None
@@ -661,7 +820,7 @@ class AwsProvider:
 
     # --- data (EBS) ------------------------------------------------------------------------
     def _instance(self, stack: str, server_id: str) -> dict[str, Any]:
-        found = self._instances(stack, [{"Name": "instance-id", "Values": [server_id]}])
+        found = self._by_ids(stack, [server_id])
         if not found:
             raise PreconditionFailed(f"instance {server_id} is not part of stack {stack!r}")
         return found[0]
@@ -690,7 +849,13 @@ class AwsProvider:
             Tags=[{"Key": TAG_DATA_MODE, "Value": mode}],
         )
 
-    def _snapshot(self, stack: str, volume: str, purpose: str) -> str:
+    def _run_of(self, stack: str, server_id: str) -> str:
+        """The run that created a server: what a volume or snapshot made for it carries
+        (I4: every resource a run creates carries the run id)."""
+        tags = {t["Key"]: t["Value"] for t in self._instance(stack, server_id).get("Tags", [])}
+        return str(tags.get(TAG_RUN, ""))
+
+    def _snapshot(self, stack: str, volume: str, purpose: str, run: str) -> str:
         snap = self.api(
             self.ec2,
             "create_snapshot",
@@ -701,6 +866,7 @@ class AwsProvider:
                     "ResourceType": "snapshot",
                     "Tags": [
                         {"Key": TAG_STACK, "Value": stack},
+                        {"Key": TAG_RUN, "Value": run},
                         {"Key": "changeover:purpose", "Value": purpose},
                     ],
                 }
@@ -717,7 +883,7 @@ class AwsProvider:
         except WaiterError as exc:
             raise TransientError(f"aws waiter {waiter}: {exc}") from exc
 
-    def _move_volume(self, stack: str, snapshot: str, dst: str, purpose: str) -> str:
+    def _move_volume(self, stack: str, snapshot: str, dst: str, purpose: str, run: str) -> str:
         """Create a volume from `snapshot` in dst's AZ and attach it at the data device,
         replacing (detaching) whatever volume was there."""
         inst = self._instance(stack, dst)
@@ -733,6 +899,7 @@ class AwsProvider:
                     "ResourceType": "volume",
                     "Tags": [
                         {"Key": TAG_STACK, "Value": stack},
+                        {"Key": TAG_RUN, "Value": run},
                         {"Key": "changeover:purpose", "Value": purpose},
                     ],
                 }
@@ -771,7 +938,8 @@ class AwsProvider:
     def data_copy_live(self, stack: str, src_id: str, dst_id: str) -> dict[str, Any]:
         self._op("data_copy_live")
         # A live snapshot makes the final one incremental, so the freeze stays short.
-        return {"snapshot": self._snapshot(stack, self._data_volume(stack, src_id), "live")}
+        run = self._run_of(stack, dst_id)
+        return {"snapshot": self._snapshot(stack, self._data_volume(stack, src_id), "live", run)}
 
     def data_freeze(self, stack: str, src_id: str) -> dict[str, Any]:
         self._op("data_freeze")
@@ -791,8 +959,9 @@ class AwsProvider:
     def data_final_sync(self, stack: str, src_id: str, dst_id: str) -> DataSummary:
         self._op("data_final_sync")
         src_vol = self._data_volume(stack, src_id)
-        snap = self._snapshot(stack, src_vol, "final")
-        vol = self._move_volume(stack, snap, dst_id, "data")
+        run = self._run_of(stack, dst_id)
+        snap = self._snapshot(stack, src_vol, "final", run)
+        vol = self._move_volume(stack, snap, dst_id, "data", run)
         src = self.api(self.ec2, "describe_volumes", VolumeIds=[src_vol])["Volumes"][0]
         new = self.api(self.ec2, "describe_volumes", VolumeIds=[vol])["Volumes"][0]
         attached = [a["InstanceId"] for a in new.get("Attachments", [])]
@@ -811,8 +980,9 @@ class AwsProvider:
         self._op("data_switch_back")
         opts = self.config.roles[self.config.data_role or ""].data_options
         self._run_hook(stack, dst_id, opts.freeze_command, "freeze")
-        snap = self._snapshot(stack, self._data_volume(stack, dst_id), "switch-back")
-        vol = self._move_volume(stack, snap, src_id, "data")
+        run = self._run_of(stack, dst_id)
+        snap = self._snapshot(stack, self._data_volume(stack, dst_id), "switch-back", run)
+        vol = self._move_volume(stack, snap, src_id, "data", run)
         self._run_hook(stack, src_id, opts.unfreeze_command, "unfreeze")
         self._set_mode(src_id, "normal")
         return {"volume": vol}

@@ -1,7 +1,8 @@
 """The provider contract: the one small Protocol every adapter implements.
 
-A provider offers servers (tagged for ownership), an address (an elastic address or a
-load-balancer target group: a set of members), and a data store on the data role.
+A provider offers servers (tagged for ownership), entry points (elastic addresses,
+load-balancer target groups, floating IPs: each a set of members, named by `address` in
+the calls below), and a data store on the data role.
 Anything specific to one adapter stays outside this Protocol. A capability an adapter
 lacks raises ``CapabilityError`` naming the provider and the capability.
 """
@@ -60,8 +61,11 @@ class Provider(Protocol):
         size: str,
         idempotency_key: str,
         links: dict[str, str],
+        fresh: bool = False,
     ) -> list[Server]:
-        """Create `count` servers, or return those already created with this key."""
+        """Create `count` servers, or return those already created with this key.
+        `fresh`: no earlier attempt used this key, so nothing was created under it yet
+        and the look-up may be skipped (API economy)."""
 
     def destroy_servers(self, stack: str, ids: list[str]) -> list[str]:
         """Destroy the servers (only ours, I7); return the ids actually destroyed."""
@@ -76,6 +80,18 @@ class Provider(Protocol):
         self, servers: list[Server], checks: dict[str, HealthCheck], policy: HygienePolicy
     ) -> list[HealthReport]:
         """The health gate for many servers (checks by role), batching what it can."""
+
+    def pin_host_keys(
+        self, stack: str, servers: list[Server], known: dict[str, list[str]]
+    ) -> dict[str, list[str]]:
+        """Pin the SSH host keys of `servers` before the first connection, for every
+        later SSH use of this provider (hygiene, data hooks); return them by server id,
+        as known_hosts key fields ("type base64"). Read-only. `known` holds pins
+        recorded earlier (the journal): they are installed as they are and win. The
+        others come from the provider (cloud-init prints them on the console). Raises
+        TransientError while a server's keys cannot be pinned and no known_hosts file
+        lists it. Never trusts on first use. A provider that does not reach its
+        servers over SSH returns {}."""
 
     # --- address ---------------------------------------------------------------------
     def address_capacity(self, stack: str, address: str) -> int | None:
@@ -92,6 +108,16 @@ class Provider(Protocol):
 
     def probe_address(self, stack: str, address: str, path: str) -> tuple[int, str | None]:
         """One request through the address: (status, id of the server that answered)."""
+
+    def routes_to(self, stack: str, ids: list[str]) -> dict[str, list[str]]:
+        """The destroy guard's view (I2), read from the provider, batched: of these
+        servers, those that still receive traffic, each with what routes to it (the
+        stack's entry points, and any address the provider can find on it, even one the
+        config does not know). Servers that serve nothing are left out."""
+
+    def refresh(self) -> None:
+        """Forget reads kept for reuse: the next read asks the provider again. The engine
+        calls it before every attempt of a step (each poll) and after every wait."""
 
     # --- data ----------------------------------------------------------------------------
     # The data role's store moves in phases; each provider maps them onto what it has

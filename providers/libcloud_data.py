@@ -36,7 +36,7 @@ from orchestrator.errors import (
     StepFailed,
     TransientError,
 )
-from orchestrator.models import TAG_STACK, DataSummary, Server
+from orchestrator.models import TAG_RUN, TAG_STACK, DataSummary, Server
 from orchestrator.settings import DataOptions
 from providers.libcloud_errors import translated
 from providers.transport import Transport
@@ -108,7 +108,12 @@ class VolumeData:
             f"tagged {TAG_STACK}={self.stack} attached at {self.options.device})"
         )
 
-    def _snapshot(self, volume: Any, purpose: str) -> Any:
+    def _run_of(self, server_id: str) -> str:
+        """The run that created a server: what a snapshot or volume made for it carries
+        (I4: every resource a run creates carries the run id)."""
+        return self.server_of(server_id).run
+
+    def _snapshot(self, volume: Any, purpose: str, run: str) -> Any:
         """The snapshot made for `purpose`, made now if it does not exist yet."""
         snaps = self._call("list_snapshots", self.driver.list_snapshots, owner="self")
         for snap in snaps:
@@ -120,7 +125,7 @@ class VolumeData:
             self.driver.create_volume_snapshot,
             volume,
             name=f"changeover {self.stack} {purpose}",
-            ex_metadata={TAG_STACK: self.stack, TAG_SNAPSHOT: purpose},
+            ex_metadata={TAG_STACK: self.stack, TAG_RUN: run, TAG_SNAPSHOT: purpose},
         )
 
     def _completed(self, snap: Any) -> None:
@@ -147,7 +152,7 @@ class VolumeData:
                 f"{what} command on {server_id} exited {result.exit_status}: {result.stderr[:200]}"
             )
 
-    def _volume_from(self, snap: Any, like: Any, server_id: str, purpose: str) -> Any:
+    def _volume_from(self, snap: Any, like: Any, server_id: str, purpose: str, run: str) -> Any:
         """A volume made from `snap` for `server_id` (found again by its tags)."""
         made = self._volumes(**{TAG_SNAPSHOT: purpose})
         if made:
@@ -163,7 +168,7 @@ class VolumeData:
             location=location,
             snapshot=snap,
         )
-        self._tag(vol, {TAG_STACK: self.stack, TAG_SNAPSHOT: purpose})
+        self._tag(vol, {TAG_STACK: self.stack, TAG_RUN: run, TAG_SNAPSHOT: purpose})
         return vol
 
     def _attach(self, vol: Any, server_id: str) -> None:
@@ -181,7 +186,8 @@ class VolumeData:
         return {"mode": tags.get(TAG_DATA_MODE, "normal"), "inflight": 0}
 
     def copy_live(self, src_id: str, dst_id: str) -> dict[str, Any]:
-        snap = self._snapshot(self.volume_of(src_id), f"live:{src_id}->{dst_id}")
+        run = self._run_of(dst_id)
+        snap = self._snapshot(self.volume_of(src_id), f"live:{src_id}->{dst_id}", run)
         return {"snapshot": snap.id}
 
     def freeze(self, src_id: str) -> dict[str, Any]:
@@ -199,9 +205,10 @@ class VolumeData:
     def final_sync(self, src_id: str, dst_id: str) -> DataSummary:
         src = self.volume_of(src_id)
         purpose = f"final:{src_id}->{dst_id}"
-        snap = self._snapshot(src, purpose)
+        run = self._run_of(dst_id)
+        snap = self._snapshot(src, purpose, run)
         self._completed(snap)
-        vol = self._volume_from(snap, src, dst_id, purpose)
+        vol = self._volume_from(snap, src, dst_id, purpose, run)
         if not (vol.extra.get("tags") or {}).get(TAG_DATA_OF):
             self._tag(vol, {TAG_DATA_OF: dst_id})
         self._attach(vol, dst_id)
@@ -226,9 +233,10 @@ class VolumeData:
         made = self._volumes(**{TAG_SNAPSHOT: purpose})
         if not made:
             self._run(dst_id, self.options.freeze_command, "freeze")
-        snap = self._snapshot(dst, purpose)
+        run = self._run_of(dst_id)
+        snap = self._snapshot(dst, purpose, run)
         self._completed(snap)
-        new = self._volume_from(snap, dst, src_id, purpose)
+        new = self._volume_from(snap, dst, src_id, purpose, run)
         old = self.volume_of(src_id)
         if old.id != new.id:
             if old.extra.get("state") == "in-use":

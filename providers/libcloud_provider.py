@@ -60,6 +60,7 @@ from orchestrator.redact import register_secret
 from orchestrator.settings import HealthCheck, HygienePolicy, LibcloudOptions, StackConfig
 from providers.base import Provider
 from providers.cloudinit import first_boot_user_data
+from providers.hostkeys import HostKeyPins
 from providers.libcloud_addresses import (
     ADDRESS_FAMILIES,
     AddressAdapter,
@@ -322,7 +323,10 @@ def make_libcloud_provider(
     spec = spec_for(dname)
     options = config.libcloud or LibcloudOptions(driver=dname)
     family = ADDRESS_FAMILIES.get(dname)
-    if family is None and not options.load_balancer:
+    balanced = bool(options.load_balancer) or any(
+        ep.type == "load-balancer" for ep in config.entry_points
+    )
+    if family is None and not balanced:
         raise no_movable_address(dname, name)
     if transport is None and auto_transport:
         transport = _auto_transport(name, config)
@@ -332,37 +336,55 @@ def make_libcloud_provider(
     ownership = Ownership(spec.ownership, registry)
     ownership.check_names(name, list(config.roles))
     creds: dict[str, str] = {}
-    if driver is None or (options.load_balancer and lb_driver is None):
+    if driver is None or (balanced and lb_driver is None):
         creds = load_credentials(spec, options, os.environ if environ is None else environ)
     if driver is None:
         driver = build_driver(spec, config, creds)
-    address: AddressAdapter
-    if options.load_balancer:
-        lb = lb_driver or build_lb_driver(options, creds, config.region)
-        address = LoadBalancerMembers(lb, dname, options.load_balancer, name)
-    elif family == "ec2":
-        address = Ec2ElasticIp(driver, dname, config.address, name)
-    elif family == "floating-do":
-        address = DigitalOceanFloatingIp(driver, dname, config.address, name)
-    elif family == "floating-os":
-        address = OpenStackFloatingIp(driver, dname, config.address, name)
-    elif family == "gce":
-        address = GceStaticAddress(driver, dname, config.address, name, config.region)
-    else:
-        project = options.driver_args.get("project")
-        address = EquinixMetalAddress(
-            driver, dname, config.address, name, None if project is None else str(project)
-        )
+    lb: Any = None
+    addresses: dict[str, AddressAdapter] = {}
+    for ep in config.entry_points:
+        # `address` with [libcloud] load_balancer set: the load balancer is the entry point.
+        balancer = ep.name if ep.type == "load-balancer" else None
+        if config.address is not None and options.load_balancer:
+            balancer = options.load_balancer
+        if balancer is not None:
+            if lb is None:
+                lb = lb_driver or build_lb_driver(options, creds, config.region)
+            addresses[ep.name] = LoadBalancerMembers(lb, dname, balancer, name)
+        elif family is None:
+            raise no_movable_address(dname, name)
+        else:
+            addresses[ep.name] = _address_adapter(
+                family, driver, dname, address=ep.name, stack=name, config=config
+            )
     return LibcloudProvider(
         stack=name,
         config=config,
         spec=spec,
         driver=driver,
-        address=address,
+        addresses=addresses,
         ownership=ownership,
         transport=transport,
         checker=checker or NetworkHealthChecker(),
         probe=probe or NetworkAddressProbe(),
+    )
+
+
+def _address_adapter(
+    family: str, driver: Any, dname: str, *, address: str, stack: str, config: StackConfig
+) -> AddressAdapter:
+    """The adapter for one movable address of the driver's family."""
+    if family == "ec2":
+        return Ec2ElasticIp(driver, dname, address, stack)
+    if family == "floating-do":
+        return DigitalOceanFloatingIp(driver, dname, address, stack)
+    if family == "floating-os":
+        return OpenStackFloatingIp(driver, dname, address, stack)
+    if family == "gce":
+        return GceStaticAddress(driver, dname, address, stack, config.region)
+    project = (config.libcloud.driver_args if config.libcloud else {}).get("project")
+    return EquinixMetalAddress(
+        driver, dname, address, stack, None if project is None else str(project)
     )
 
 
@@ -402,7 +424,7 @@ class LibcloudProvider:
         config: StackConfig,
         spec: DriverSpec,
         driver: Any,
-        address: AddressAdapter,
+        addresses: dict[str, AddressAdapter],
         ownership: Ownership,
         transport: Transport | None,
         checker: HealthChecker,
@@ -413,9 +435,14 @@ class LibcloudProvider:
         self.config = config
         self.spec = spec
         self.driver = driver
-        self.address = address
+        self.addresses = addresses  # entry point name -> its adapter
         self.ownership = ownership
         self.transport = transport
+        # SSH host keys are pinned from the console (where the driver reads it) before
+        # the first connection; providers/hostkeys.py.
+        console = self._console_output if _console_reader(driver) is not None else None
+        self.host_keys = HostKeyPins(console=console)
+        self.host_keys.attach(transport)
         self.checker = checker
         self.probe = probe
         self.options = config.libcloud or LibcloudOptions(driver=spec.name)
@@ -425,7 +452,10 @@ class LibcloudProvider:
     @property
     def api_calls(self) -> Counter[str]:
         """libcloud calls by NodeDriver method (the address adapter's included)."""
-        return self._api + self.address.api
+        total = Counter(self._api)
+        for adapter in self.addresses.values():
+            total += adapter.api
+        return total
 
     def __repr__(self) -> str:  # never the driver: its attributes hold the credentials
         return f"<LibcloudProvider {self.name} stack={self.stack!r}>"
@@ -514,7 +544,9 @@ class LibcloudProvider:
         size: str,
         idempotency_key: str,
         links: dict[str, str],
+        fresh: bool = False,
     ) -> list[Server]:
+        del fresh  # libcloud lists nodes anyway (ownership): the look-up is always made
         self.calls["create_servers"] += 1
         # Like EC2's ClientToken: a resumed step finds what it already created.
         mine = [
@@ -710,6 +742,37 @@ class LibcloudProvider:
         report.reasons += verdict.reasons
         return report
 
+    # --- SSH host keys (providers/hostkeys.py) ------------------------------------------
+    def pin_host_keys(
+        self, stack: str, servers: list[Server], known: dict[str, list[str]]
+    ) -> dict[str, list[str]]:
+        """Pin new nodes' host keys from their console (EC2, OpenStack) before hygiene
+        connects over SSH; `known` are pins recorded in the journal, used as they are.
+        Without an SSH transport: {}."""
+        if not self.host_keys.active:
+            return {}
+        self.calls["pin_host_keys"] += 1
+
+        def reach(server: Server) -> Server:  # the address hygiene.ssh names
+            node = self._node(stack, server.id)[0]
+            return replace(server, host=_ip(node, self.config.hygiene.ssh.address) or server.host)
+
+        return self.host_keys.pin_servers(servers, known, reach=reach)
+
+    def ex_host_keys(self, server: Server) -> list[str]:
+        """The keys pinned for a server, else its console's: for `audit` over SSH."""
+        return self.host_keys(server)
+
+    def _console_output(self, server: Server) -> str | None:
+        """The node's serial console, where cloud-init prints the SSH host keys."""
+        reader = _console_reader(self.driver)
+        if reader is None:
+            return None
+        node = self._node(server.stack or self.stack, server.id)[0]
+        got = self._do(reader[0], reader[1], node)
+        text = got.get("output") if isinstance(got, dict) else got
+        return text if isinstance(text, str) else None
+
     def _wait_for_ip(self, node: Any, tags: dict[str, str], timeout: float) -> Server:
         """libcloud's wait_until_running: running and an IP assigned, or give up."""
         kwargs = {"ex_node_ids": [node.id]} if self.spec.name == "ec2" else {}
@@ -727,12 +790,17 @@ class LibcloudProvider:
         return self._server(ready[0][0], tags)
 
     # --- address ---------------------------------------------------------------------
-    def address_capacity(self, stack: str, address: str) -> int | None:
-        return self.address.capacity
+    def _adapter(self, address: str) -> AddressAdapter:
+        if address not in self.addresses:
+            raise PreconditionFailed(f"{self.name}: {address!r} is not an entry point")
+        return self.addresses[address]
 
-    def _holders(self, stack: str) -> tuple[list[str], list[Any]]:
+    def address_capacity(self, stack: str, address: str) -> int | None:
+        return self._adapter(address).capacity
+
+    def _holders(self, stack: str, address: str) -> tuple[list[str], list[Any]]:
         """Holder ids (ours where they match our nodes) and our nodes that hold it."""
-        refs = self.address.holders()
+        refs = self._adapter(address).holders()
         if not refs:
             return [], []
         owned = self._owned(stack, live_only=True)
@@ -746,18 +814,20 @@ class LibcloudProvider:
 
     def get_members(self, stack: str, address: str) -> list[str]:
         self.calls["get_members"] += 1
-        if self.address.refs_are_ids:
-            return self.address.holders()  # node ids already: no listing needed
-        return self._holders(stack)[0]
+        adapter = self._adapter(address)
+        if adapter.refs_are_ids:
+            return adapter.holders()  # node ids already: no listing needed
+        return self._holders(stack, address)[0]
 
     def set_members(self, stack: str, address: str, ids: list[str]) -> None:
         self.calls["set_members"] += 1
-        capacity = self.address.capacity
+        adapter = self._adapter(address)
+        capacity = adapter.capacity
         if capacity is not None and len(ids) > capacity:
             # An address holds one server: the newest one asked for (AddMembers appends
             # new servers after the current ones).
             ids = ids[-capacity:]
-        holder_ids, holder_nodes = self._holders(stack)
+        holder_ids, holder_nodes = self._holders(stack, address)
         if foreign := [h for h in holder_ids if h not in {str(n.id) for n in holder_nodes}]:
             raise PreconditionFailed(
                 f"{self.name}: address {address!r} is held by {foreign}, outside stack "
@@ -774,21 +844,36 @@ class LibcloudProvider:
             if _state(node) != "running":
                 raise TransientError(f"{self.name}: server {server_id} is {_state(node)}")
             targets.append(node)
-        self.address.apply(targets, holder_nodes)
+        adapter.apply(targets, holder_nodes)
 
     def inflight(self, stack: str, address: str) -> dict[str, int]:
         # Clouds do not report requests in flight per server behind an address.
         self.calls["inflight"] += 1
         return {}
 
+    def routes_to(self, stack: str, ids: list[str]) -> dict[str, list[str]]:
+        """The stack's entry points, each read back from the cloud."""
+        self.calls["routes_to"] += 1
+        want = set(ids)
+        out: dict[str, list[str]] = {}
+        for address in self.addresses:
+            for member in self.get_members(stack, address):
+                if member in want:
+                    out.setdefault(member, []).append(address)
+        return out
+
+    def refresh(self) -> None:
+        """Nothing is kept between reads here."""
+
     def probe_address(self, stack: str, address: str, path: str) -> tuple[int, str | None]:
         self.calls["probe_address"] += 1
-        refs = self.address.holders()
-        owned = self._owned(stack, refs if self.address.refs_are_ids else None) if refs else []
+        adapter = self._adapter(address)
+        refs = adapter.holders()
+        owned = self._owned(stack, refs if adapter.refs_are_ids else None) if refs else []
         members = [self._server(n, t) for n, t in owned if any(_refers_to(r, n) for r in refs)]
-        role = self.config.serving_roles[0]
+        role = self.config.entry_point(address).roles[0]
         check = self.config.roles[role].health
-        target = AddressTarget(address, self.address.host(), check.port, members)
+        target = AddressTarget(address, adapter.host(), check.port, members)
         return self.probe.probe(target, path, check.timeout)
 
     # --- data ----------------------------------------------------------------------------
@@ -844,6 +929,16 @@ class LibcloudProvider:
     def data_switch_back(self, stack: str, src_id: str, dst_id: str) -> dict[str, Any]:
         self.calls["data_switch_back"] += 1
         return self._data(stack).switch_back(src_id, dst_id)
+
+
+def _console_reader(driver: Any) -> tuple[str, Any] | None:
+    """The driver's console-output call, by name: EC2 and OpenStack (a dict with
+    "output"), Outscale (the text). None for drivers that cannot read a node's console."""
+    for name in ("ex_get_console_output", "ex_read_console_output_node"):
+        read = getattr(driver, name, None)
+        if callable(read):
+            return name, read
+    return None
 
 
 def _state(node: Any) -> ServerState:

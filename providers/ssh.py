@@ -1,7 +1,8 @@
 """SSH transport (paramiko) that verifies host keys and never trusts on first use.
 
 A server's host key must match either keys pinned by its provider (for example the ones
-cloud-init prints on the console, see `host_keys_from_console`) or a known_hosts file
+cloud-init prints on the console: providers/hostkeys.py pins them, VerifyServers records
+them in the journal) or a known_hosts file
 (`hygiene.ssh.known_hosts`, else ``~/.ssh/known_hosts`` and
 ``/etc/ssh/ssh_known_hosts``). An unknown key or a changed key raises `HostKeyRejected`
 (exit 2). paramiko checks the key right after the key exchange, before it
@@ -37,6 +38,7 @@ from orchestrator.errors import BadInput, PreconditionFailed
 from orchestrator.log import get_logger
 from orchestrator.models import Server
 from orchestrator.settings import SshOptions
+from providers.hostkeys import host_keys_from_console  # noqa: F401 (its first home)
 from providers.transport import CommandResult, HostKeyRejected, TransportUnavailable
 
 # Log event names (see orchestrator/events.py for the run's own).
@@ -55,24 +57,6 @@ def fingerprint(key: paramiko.PKey) -> str:
     """OpenSSH's SHA256 fingerprint of a public key."""
     digest = base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
     return f"{key.get_name()} SHA256:{digest}"
-
-
-def host_keys_from_console(console: str) -> list[str]:
-    """The host keys cloud-init prints on the serial console, as known_hosts key fields
-    ("type base64"), so a provider can pin them before the first connection."""
-    keys: list[str] = []
-    inside = False
-    for line in console.splitlines():
-        text = line.strip()
-        if "-----BEGIN SSH HOST KEY KEYS-----" in text:
-            inside = True
-        elif "-----END SSH HOST KEY KEYS-----" in text:
-            inside = False
-        elif inside:
-            parts = text.split()
-            if len(parts) >= 2 and (parts[0].startswith(("ssh-", "ecdsa-", "sk-"))):
-                keys.append(f"{parts[0]} {parts[1]}")
-    return keys
 
 
 class _Refuse(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]  # paramiko is untyped
@@ -116,11 +100,27 @@ class SshTransport:
             return [path]
         return [p for p in (Path(d).expanduser() for d in DEFAULT_KNOWN_HOSTS) if p.is_file()]
 
+    def _host_name(self, host: str) -> str:
+        return host if self.options.port == 22 else f"[{host}]:{self.options.port}"
+
+    def known_host_keys(self, host: str) -> list[str]:
+        """The keys a known_hosts file lists for `host` (at our port), as "type base64"."""
+        name = self._host_name(host)
+        found: list[str] = []
+        for path in self._known_hosts_files():
+            try:
+                entries = paramiko.HostKeys(str(path)).lookup(name)
+            except (OSError, paramiko.SSHException):
+                continue
+            for key in (entries or {}).values():
+                found.append(f"{key.get_name()} {key.get_base64()}")
+        return found
+
     def _trust(self, client: paramiko.SSHClient, server: Server, host: str) -> str:
         """Load the keys this server may present; return where they came from."""
         pinned = list(self.host_keys(server)) if self.host_keys is not None else []
         if pinned:
-            name = host if self.options.port == 22 else f"[{host}]:{self.options.port}"
+            name = self._host_name(host)
             store = client.get_host_keys()
             for line in pinned:
                 keytype, _, data = line.strip().partition(" ")

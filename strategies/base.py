@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from orchestrator.errors import PreconditionFailed
+from orchestrator.errors import BadInput, PreconditionFailed
 from orchestrator.models import Server
 from orchestrator.settings import StackConfig
 from providers.base import Provider
@@ -17,12 +17,17 @@ from providers.base import Provider
 
 @dataclass
 class StackView:
-    """The servers of a stack, what its address routes to, and its serving generation."""
+    """The servers of a stack, what its entry points route to, and its serving generation."""
 
     name: str
     config: StackConfig
     servers: list[Server]
-    members: list[str]
+    entry_members: dict[str, list[str]]  # entry point -> the server ids it routes to now
+
+    @cached_property
+    def members(self) -> list[str]:
+        """Every server some entry point routes to, each once."""
+        return list(dict.fromkeys(m for ms in self.entry_members.values() for m in ms))
 
     @cached_property
     def generation(self) -> int:
@@ -47,11 +52,31 @@ class StackView:
         return max(found, key=lambda s: s.generation) if found else None
 
 
+def check_entry_points(provider: Provider, name: str, config: StackConfig) -> None:
+    """An elastic IP holds one server: a role of several servers needs an entry point
+    that holds them all (a target group, a load balancer), or they serve nothing (I4)."""
+    capacity = {
+        ep.name: provider.address_capacity(name, ep.name) or 0 for ep in config.entry_points
+    }
+    for role in config.serving_roles:
+        count = config.roles[role].count
+        eps = [ep.name for ep in config.entry_points if role in ep.roles]
+        if count > 1 and eps and all(0 < capacity[e] < count for e in eps):
+            raise BadInput(
+                f"stack {name!r}: role {role!r} has {count} servers but its only entry point "
+                f"{', '.join(eps)} holds {capacity[eps[0]]} (an elastic IP), so the rest would "
+                f"serve nothing; add one that holds them all, e.g. addresses = "
+                f'[{{ target_group = "...", roles = ["{role}"] }}, {{ elastic_ip = "{eps[0]}", '
+                f'roles = ["{role}"] }}], or set roles.{role}.count = 1'
+            )
+
+
 def inspect_stack(provider: Provider, name: str, config: StackConfig) -> StackView:
-    """Read the stack (two read-only calls) and check it is fit to change."""
+    """Read the stack (one read per entry point, one listing) and check it is fit to change."""
+    check_entry_points(provider, name, config)
     servers = provider.list_servers(name)
-    members = provider.get_members(name, config.address)
-    view = StackView(name, config, servers, members)
+    entry_members = {ep.name: provider.get_members(name, ep.name) for ep in config.entry_points}
+    view = StackView(name, config, servers, entry_members)
     if not servers:
         raise PreconditionFailed(
             f"stack {name!r} has no servers"
@@ -61,16 +86,21 @@ def inspect_stack(provider: Provider, name: str, config: StackConfig) -> StackVi
                 else ""
             )
         )
-    if not members:
-        raise PreconditionFailed(f"address {config.address!r} of stack {name!r} routes to nothing")
+    for address, members in entry_members.items():
+        if not members:
+            raise PreconditionFailed(
+                f"entry point {address!r} of stack {name!r} routes to nothing; point it at "
+                "the stack's servers first"
+            )
     known = {s.id for s in servers}
-    if foreign := [m for m in members if m not in known]:
-        raise PreconditionFailed(
-            f"address {config.address!r} routes to servers outside stack {name!r}: {foreign}"
-        )
+    for address, members in entry_members.items():
+        if foreign := [m for m in members if m not in known]:
+            raise PreconditionFailed(
+                f"entry point {address!r} routes to servers outside stack {name!r}: {foreign}"
+            )
     # Older servers that still serve (a rotate rolled back after a batch was replaced)
     # and the data server (rotate keeps it) belong; any other older one is a stray.
-    keep = set(members) | ({view.data_server.id} if view.data_server else set())
+    keep = set(view.members) | ({view.data_server.id} if view.data_server else set())
     strays = [s.id for s in servers if s.generation != view.generation and s.id not in keep]
     if strays:
         raise PreconditionFailed(

@@ -82,7 +82,7 @@ def plan_rebuild(
         created.append(f"CreateServers[{role}]")
     steps.append(WaitRunning(sources=created, timeout=config.defaults.boot_timeout))
     steps.append(VerifyServers(sources=created, timeout=config.defaults.boot_timeout))
-    web_from = [f"CreateServers[{r}]" for r in serving]
+    roles_from = {r: f"CreateServers[{r}]" for r in serving}
     if rebuild_data:
         assert old_db is not None and data_role is not None
         db_from = f"CreateServers[{data_role}]"
@@ -92,11 +92,12 @@ def plan_rebuild(
             SyncData(src=old_db.id, dst_from=db_from),
             SwitchWrites(src=old_db.id, dst_from=db_from),
         ]
-    first = serving[0]
     steps += [
-        RepointAddress(sources=web_from, verified_from="VerifyServers", previous=view.members),
-        VerifyAddress(sources=web_from, role=first),
-        Bake(sources=web_from, role=first, seconds=bake),
+        RepointAddress(
+            roles_from=roles_from, verified_from="VerifyServers", previous=view.entry_members
+        ),
+        VerifyAddress(roles_from=roles_from),
+        Bake(roles_from=roles_from, seconds=bake),
     ]
     old = [s.id for s in view.servers if rebuild_data or s.role != data_role]
     steps.append(
@@ -120,4 +121,5 @@ def _summary(view: StackView, gen: int) -> dict[str, object]:
         "generation_before": view.generation,
         "generation_after": gen,
         "members_before": sorted(view.members),
+        "entry_points_before": view.entry_members,
     }

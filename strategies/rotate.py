@@ -8,7 +8,9 @@ At most `max_surge` new servers exist at once beyond the serving count, and at l
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
+from orchestrator.facts import judge_recorded, recorded_facts
 from orchestrator.plan import Plan, Step
 from orchestrator.settings import StackConfig
 from providers.base import Provider
@@ -34,10 +36,18 @@ def plan_rotate(
     older_than: float | None = None,
     only_if_needed: bool = False,
     now: float | None = None,
+    live: bool = False,
+    state_dir: Path | None = None,
 ) -> Plan:
     """Compose the rotate plan. `older_than` is in seconds; `only_if_needed` also picks
     servers whose hygiene fails (pending upgrades, reboot required) and makes an empty
-    selection a successful no-op."""
+    selection a successful no-op.
+
+    How `only_if_needed` decides: with `live` (a real run) it runs the health gate on
+    each serving server now (on aws, SSM commands: mutating calls). Without it (`plan`,
+    `--dry-run`: only read calls, I8) it judges the facts the last audit or verification
+    recorded in `state_dir`, stating their age; a server with none is listed under
+    `needs_verification`, not selected, and a real run verifies it live."""
     view = inspect_stack(provider, name, config)
     surge = max_surge or config.defaults.max_surge
     healthy_pct = config.defaults.min_healthy if min_healthy is None else min_healthy
@@ -50,15 +60,30 @@ def plan_rotate(
 
     chosen = serving
     reasons: dict[str, str] = {}
+    unverified: dict[str, str] = {}  # no recorded facts: a real run verifies them live
+    not_needed: dict[str, str] = {}
     if older_than is not None or only_if_needed:
+        recorded = (
+            recorded_facts(state_dir, name, [s.id for s in serving])
+            if only_if_needed and not live and state_dir is not None
+            else {}
+        )
         chosen = []
         for s in serving:
             if older_than is not None and now - s.created_at > older_than:
                 reasons[s.id] = f"older than {older_than:.0f}s"
-            elif only_if_needed:
+            elif only_if_needed and live:
                 report = provider.verify_server(s, config.roles[role].health, config.hygiene)
                 if not report.passed:
                     reasons[s.id] = "; ".join(report.reasons)
+                else:
+                    not_needed[s.id] = "passes verification (verified live)"
+            elif only_if_needed:
+                judged = judge_recorded(s, recorded.get(s.id), config.hygiene, now=now, stack=name)
+                if judged.needed is None:
+                    unverified[s.id] = judged.reason
+                else:
+                    (reasons if judged.needed else not_needed)[s.id] = judged.reason
             if s.id in reasons:
                 chosen.append(s)
 
@@ -75,11 +100,21 @@ def plan_rotate(
             VerifyServers(
                 key=f"VerifyServers#{n}", sources=[create], timeout=config.defaults.boot_timeout
             ),
-            AddMembers(key=f"AddMembers#{n}", sources=[create], verified_from=f"VerifyServers#{n}"),
-            RemoveMembers(
-                key=f"RemoveMembers#{n}", ids=batch, min_healthy=healthy_pct, total=len(serving)
+            AddMembers(
+                key=f"AddMembers#{n}",
+                sources=[create],
+                verified_from=f"VerifyServers#{n}",
+                role=role,
+                replacing=batch,
             ),
-            DrainServers(key=f"DrainServers#{n}", ids=batch),
+            RemoveMembers(
+                key=f"RemoveMembers#{n}",
+                ids=batch,
+                role=role,
+                min_healthy=healthy_pct,
+                total=len(serving),
+            ),
+            DrainServers(key=f"DrainServers#{n}", ids=batch, role=role),
             DestroyServers(key=f"DestroyServers#{n}", ids=batch),
         ]
     return Plan(
@@ -91,11 +126,18 @@ def plan_rotate(
             "min_healthy": healthy_pct,
             "older_than": older_than,
             "only_if_needed": only_if_needed,
+            "live": live,
         },
         summary={
             "generation_before": view.generation,
             "generation_after": gen if steps else view.generation,
             "members_before": sorted(view.members),
+            "entry_points_before": view.entry_members,
             "selected": {s.id: reasons.get(s.id, "all serving servers") for s in chosen},
+            **(
+                {"needs_verification": unverified, "not_needed": not_needed}
+                if only_if_needed
+                else {}
+            ),
         },
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from orchestrator import events
@@ -77,6 +78,7 @@ class CreateServers(Step):
             size=role_cfg.size,
             idempotency_key=self._token(ctx),
             links=self._db(ctx),
+            fresh=ctx.first_attempt,
         )
         return StepResult({"created": [s.id for s in servers]})
 
@@ -88,9 +90,7 @@ class CreateServers(Step):
         mine += [i for i in ctx.output(self.key).get("created", []) if i not in mine]
         if not mine:
             return StepResult(noop="no servers of this step exist")
-        members = set(ctx.provider.get_members(ctx.stack, ctx.config.address))
-        if serving := members & set(mine):
-            raise GuardRefused(f"will not destroy servers the address still routes to: {serving}")
+        guard_destroy(ctx, mine)
         destroyed = ctx.provider.destroy_servers(ctx.stack, mine)
         return StepResult({"destroyed": destroyed})
 
@@ -123,7 +123,15 @@ class VerifyServers(Step):
     """The health gate: running, app health check, host hygiene. Records the facts.
 
     A check that is not settled yet (EC2 status `initializing`) raises TransientError
-    and is retried until `timeout`; a check that failed fails the gate at once."""
+    and is retried until `timeout`; a check that failed fails the gate at once.
+
+    Before any SSH connection the provider pins the servers' host keys (from their
+    console: providers/hostkeys.py), or a known_hosts file must list them; they are
+    never trusted on first use. The pins go to the journal with the facts
+    (`host_keys`), and pins already journaled (`ctx.outputs`, of this step or an earlier
+    one) are handed back to the provider, so a run resumed in a new process checks the
+    same keys without reading the console again. A console that shows no keys yet is
+    transient, polled until `timeout`."""
 
     name = "VerifyServers"
 
@@ -133,12 +141,25 @@ class VerifyServers(Step):
             attempts=10_000, deadline=timeout, backoff_initial=0.2, backoff_max=POLL_CAP
         )
 
+    def _journaled_pins(self, ctx: RunContext) -> dict[str, list[str]]:
+        """Host keys earlier outputs recorded, by server id: this step's own first."""
+        known: dict[str, list[str]] = {}
+        outputs = [ctx.output(self.key), *(o for k, o in ctx.outputs.items() if k != self.key)]
+        for out in outputs:
+            pins = out.get("host_keys") if isinstance(out, dict) else None
+            for server_id, keys in (pins if isinstance(pins, dict) else {}).items():
+                if isinstance(keys, list) and keys:
+                    known.setdefault(str(server_id), [str(k) for k in keys])
+        return known
+
     def do(self, ctx: RunContext) -> StepResult:
         ids = ids_from(ctx, self.params)
         found = servers_by_id(ctx, ids)
         failed = [f"{i}: gone" for i in ids if i not in found]
         checks = {name: role.health for name, role in ctx.config.roles.items()}
         batch = [found[i] for i in ids if i in found]
+        running = [s for s in batch if s.state == "running"]
+        host_keys = ctx.provider.pin_host_keys(ctx.stack, running, self._journaled_pins(ctx))
         reports = {}
         for report in ctx.provider.verify_servers(batch, checks, ctx.config.hygiene):
             reports[report.server_id] = report.to_dict()
@@ -147,7 +168,7 @@ class VerifyServers(Step):
         if failed:
             ctx.log.error(events.VERIFY_FAILED, failures=failed)
             raise VerificationFailed("verification failed: " + " | ".join(failed))
-        return StepResult({"passed": ids, "reports": reports})
+        return StepResult({"passed": ids, "reports": reports, "host_keys": host_keys})
 
 
 class CopyData(Step):
@@ -236,78 +257,122 @@ def _guard_verified(ctx: RunContext, targets: list[str], verified_from: str) -> 
         raise _refuse(ctx, f"not running: {', '.join(down)}")
 
 
-def _fit(ctx: RunContext, targets: list[str]) -> list[str]:
+def _union(groups: Iterable[list[str]]) -> list[str]:
+    return list(dict.fromkeys(i for g in groups for i in g))
+
+
+def _fit(ctx: RunContext, address: str, targets: list[str]) -> list[str]:
     """An elastic IP holds one server; a load balancer or proxy holds them all."""
-    capacity = ctx.provider.address_capacity(ctx.stack, ctx.config.address)
+    capacity = ctx.provider.address_capacity(ctx.stack, address)
     return targets if capacity is None else targets[:capacity]
 
 
+def _serving(ctx: RunContext, role: str) -> list[str]:
+    """The entry points that serve a role."""
+    return [ep.name for ep in ctx.config.entry_points if role in ep.roles]
+
+
+def entry_targets(ctx: RunContext, params: dict[str, Any]) -> dict[str, list[str]]:
+    """For each entry point, the new servers it routes to after cutover: the servers
+    created for the roles it serves (`roles_from`: role -> CreateServers step), as many
+    as it holds."""
+    by_role = {r: ctx.output(key).get("created", []) for r, key in params["roles_from"].items()}
+    out: dict[str, list[str]] = {}
+    for ep in ctx.config.entry_points:
+        if ids := [i for r in ep.roles for i in by_role.get(r, [])]:
+            out[ep.name] = _fit(ctx, ep.name, ids)
+    return out
+
+
 class RepointAddress(Step):
-    """Cutover: make the new, verified servers the address's members. Guarded."""
+    """Cutover: make the new, verified servers the members of every entry point. Guarded.
+
+    Entry points move one after the other, in the config's order; a retry or a resume
+    skips those already moved, and undo points each one back at what it held."""
 
     name = "RepointAddress"
     retry = ADDRESS_RETRY
 
     def do(self, ctx: RunContext) -> StepResult:
-        targets = _fit(ctx, ids_from(ctx, self.params))
-        address = ctx.config.address
-        current = ctx.provider.get_members(ctx.stack, address)
-        if sorted(current) == sorted(targets):
-            ctx.log.info(events.CUTOVER_SKIPPED, reason="address already points at the new servers")
-            return StepResult(
-                {"members": targets}, noop="address already points at the new servers"
-            )
-        _guard_verified(ctx, targets, self.params["verified_from"])
-        ctx.provider.set_members(ctx.stack, address, targets)
-        ctx.log.info(events.CUTOVER_DONE, address=address, members=targets)
-        return StepResult({"members": targets, "previous": current})
+        targets = entry_targets(ctx, self.params)
+        before: dict[str, list[str]] = {}
+        moved: list[str] = []
+        for address, want in targets.items():
+            current = ctx.provider.get_members(ctx.stack, address)
+            before[address] = current
+            if sorted(current) == sorted(want):
+                continue
+            if not moved:  # I1, checked again on every attempt that moves something
+                _guard_verified(ctx, _union(targets.values()), self.params["verified_from"])
+            ctx.provider.set_members(ctx.stack, address, want)
+            ctx.log.info(events.CUTOVER_DONE, address=address, members=want)
+            moved.append(address)
+        if not moved:
+            reason = "every entry point already routes to the new servers"
+            ctx.log.info(events.CUTOVER_SKIPPED, reason=reason)
+            return StepResult({"members": targets}, noop=reason)
+        return StepResult({"members": targets, "previous": before, "moved": moved})
 
     def undo(self, ctx: RunContext) -> StepResult:
-        """Point the address back, then wait until the new servers have finished the
-        requests already sent to them: only then may the data move back (I3)."""
-        previous: list[str] = self.params["previous"]
-        address = ctx.config.address
-        current = ctx.provider.get_members(ctx.stack, address)
-        new = ctx.output(self.key).get("members") or _fit(ctx, ids_from(ctx, self.params))
-        leaving = sorted({*current, *new} - set(previous))
-        if sorted(current) == sorted(previous):
+        """Point every entry point back, then wait until the servers leaving them have
+        finished the requests already sent to them: only then may the data move back
+        (I3)."""
+        previous: dict[str, list[str]] = self.params["previous"]
+        new: dict[str, list[str]] = ctx.output(self.key).get("members") or entry_targets(
+            ctx, self.params
+        )
+        current = {a: ctx.provider.get_members(ctx.stack, a) for a in previous}
+        leaving = sorted(
+            set(_union([*current.values(), *new.values()])) - set(_union(previous.values()))
+        )
+        back = {a: p for a, p in previous.items() if sorted(current[a]) != sorted(p)}
+        if not back:
             _drain(ctx, leaving)  # a resumed rollback may have been killed mid-drain
-            return StepResult(noop="address already points at the old servers")
-        found = servers_by_id(ctx, previous)
+            return StepResult(noop="every entry point already routes to the old servers")
+        wanted = _union(back.values())
+        found = servers_by_id(ctx, wanted)
         if gone := [
             f"{i} ({found[i].state if i in found else 'gone'})"
-            for i in previous
+            for i in wanted
             if i not in found or found[i].state in ("stopped", "terminated")
         ]:
             # No cloud brings these back: fail now rather than retry for minutes.
             raise ResourceGone(f"cannot point the address back at {', '.join(gone)}")
-        ctx.provider.set_members(ctx.stack, address, previous)
+        for address, members in back.items():
+            ctx.provider.set_members(ctx.stack, address, members)
         _drain(ctx, leaving)
-        return StepResult({"members": previous, "drained": leaving})
+        return StepResult({"members": back, "drained": leaving})
+
+
+def _health_path(ctx: RunContext, address: str) -> str:
+    return ctx.config.roles[ctx.config.entry_point(address).roles[0]].health.path
 
 
 class VerifyAddress(Step):
-    """Check through the address itself that the new servers answer."""
+    """Check through each entry point itself that the new servers answer."""
 
     name = "VerifyAddress"
     retry = RetryPolicy(attempts=5, deadline=20.0)
 
     def do(self, ctx: RunContext) -> StepResult:
-        expect = set(_fit(ctx, ids_from(ctx, self.params)))
-        path = ctx.config.roles[self.params["role"]].health.path
-        seen: set[str] = set()
-        for _ in range(max(4, PROBES_PER_MEMBER * len(expect))):
-            status, backend = ctx.provider.probe_address(ctx.stack, ctx.config.address, path)
-            if status != 200:
-                raise TransientError(f"through the address: HTTP {status} ({backend})")
-            if backend not in expect:
-                raise VerificationFailed(f"address answered from {backend}, not a new server")
-            seen.add(backend)
-        return StepResult({"answered_by": sorted(seen)})
+        answered: dict[str, list[str]] = {}
+        for address, targets in entry_targets(ctx, self.params).items():
+            expect = set(targets)
+            path = _health_path(ctx, address)
+            seen: set[str] = set()
+            for _ in range(max(4, PROBES_PER_MEMBER * len(expect))):
+                status, backend = ctx.provider.probe_address(ctx.stack, address, path)
+                if status != 200:
+                    raise TransientError(f"through {address}: HTTP {status} ({backend})")
+                if backend not in expect:
+                    raise VerificationFailed(f"{address} answered from {backend}, not a new server")
+                seen.add(backend)
+            answered[address] = sorted(seen)
+        return StepResult({"answered_by": answered})
 
 
 class Bake(Step):
-    """Keep checking through the address for `seconds`; a failure rolls back."""
+    """Keep checking through every entry point for `seconds`; a failure rolls back."""
 
     name = "Bake"
     retry = NO_RETRY
@@ -316,113 +381,170 @@ class Bake(Step):
         seconds = float(self.params["seconds"])
         if seconds <= 0:
             return StepResult(noop="bake time is 0")
-        expect = _fit(ctx, ids_from(ctx, self.params))
-        path = ctx.config.roles[self.params["role"]].health.path
+        targets = entry_targets(ctx, self.params)
+        expect = _union(targets.values())
         interval = min(1.0, max(seconds / 5, 0.1))
         end = ctx.clock() + seconds
         checks = 0
         while True:
             checks += 1
-            status, backend = ctx.provider.probe_address(ctx.stack, ctx.config.address, path)
             found = servers_by_id(ctx, expect)
             down = [i for i in expect if i not in found or found[i].state != "running"]
-            ctx.log.debug(events.BAKE_CHECK, status=status, backend=backend, down=down)
-            if status != 200 or backend not in expect or down:
-                ctx.log.error(events.BAKE_FAILED, status=status, backend=backend, down=down)
-                raise VerificationFailed(
-                    f"bake failed after {checks} checks: HTTP {status} from {backend}"
-                    + (f"; servers down: {', '.join(down)}" if down else "")
-                )
+            for address, members in targets.items():
+                path = _health_path(ctx, address)
+                status, backend = ctx.provider.probe_address(ctx.stack, address, path)
+                ctx.log.debug(events.BAKE_CHECK, status=status, backend=backend, down=down)
+                if status != 200 or backend not in members or down:
+                    ctx.log.error(events.BAKE_FAILED, status=status, backend=backend, down=down)
+                    raise VerificationFailed(
+                        f"bake failed after {checks} checks: HTTP {status} from {backend} "
+                        f"through {address}"
+                        + (f"; servers down: {', '.join(down)}" if down else "")
+                    )
             if ctx.clock() >= end:
                 return StepResult({"checks": checks})
             ctx.wait(min(interval, max(end - ctx.clock(), 0)))
 
 
 class RemoveMembers(Step):
-    """Take servers out of the address, keeping at least min-healthy percent serving."""
+    """Take servers out of every entry point of their role, keeping at least min-healthy
+    percent serving in each. An entry point that holds one server was moved off them
+    when their replacements were added (AddMembers)."""
 
     name = "RemoveMembers"
     retry = ADDRESS_RETRY
 
+    def _addresses(self, ctx: RunContext) -> list[str]:
+        role = self.params.get("role") or ctx.config.serving_roles[0]
+        return [a for a in _serving(ctx, role) if ctx.provider.address_capacity(ctx.stack, a) != 1]
+
     def do(self, ctx: RunContext) -> StepResult:
         ids = set(ids_from(ctx, self.params))
-        address = ctx.config.address
-        current = ctx.provider.get_members(ctx.stack, address)
-        if not ids & set(current):
-            return StepResult({"removed": []}, noop="servers already out of the address")
-        remaining = [m for m in current if m not in ids]
-        found = servers_by_id(ctx, remaining)
-        healthy = sum(1 for m in remaining if m in found and found[m].state == "running")
-        need = math.ceil(self.params["min_healthy"] * self.params["total"] / 100)
-        if healthy < max(need, 1):
-            raise GuardRefused(
-                f"removing {len(ids)} would leave {healthy} healthy of {self.params['total']}, "
-                f"below min-healthy {self.params['min_healthy']}%"
-            )
-        ctx.provider.set_members(ctx.stack, address, remaining)
-        return StepResult({"removed": sorted(ids & set(current)), "members": remaining})
+        removed: dict[str, list[str]] = {}
+        for address in self._addresses(ctx):
+            current = ctx.provider.get_members(ctx.stack, address)
+            if not ids & set(current):
+                continue
+            remaining = [m for m in current if m not in ids]
+            found = servers_by_id(ctx, remaining)
+            healthy = sum(1 for m in remaining if m in found and found[m].state == "running")
+            need = math.ceil(self.params["min_healthy"] * self.params["total"] / 100)
+            if healthy < max(need, 1):
+                raise GuardRefused(
+                    f"removing {len(ids)} from {address} would leave {healthy} healthy of "
+                    f"{self.params['total']}, below min-healthy {self.params['min_healthy']}%"
+                )
+            ctx.provider.set_members(ctx.stack, address, remaining)
+            removed[address] = sorted(ids & set(current))
+        if not removed:
+            return StepResult({"removed": {}}, noop="servers already out of every entry point")
+        return StepResult({"removed": removed})
 
     def undo(self, ctx: RunContext) -> StepResult:
         ids = ids_from(ctx, self.params)
-        address = ctx.config.address
-        current = ctx.provider.get_members(ctx.stack, address)
         found = servers_by_id(ctx, ids)
-        back = [i for i in ids if i not in current and i in found and found[i].state == "running"]
-        if not back:
+        running = [i for i in ids if i in found and found[i].state == "running"]
+        added: dict[str, list[str]] = {}
+        for address in self._addresses(ctx):
+            current = ctx.provider.get_members(ctx.stack, address)
+            if back := [i for i in running if i not in current]:
+                ctx.provider.set_members(ctx.stack, address, current + back)
+                added[address] = back
+        if not added:
             return StepResult(noop="nothing to put back")
-        ctx.provider.set_members(ctx.stack, address, current + back)
-        return StepResult({"added": back})
+        return StepResult({"added": added})
 
 
 class AddMembers(Step):
-    """Put new, verified servers behind the address next to the old ones. Guarded.
+    """Put new, verified servers behind every entry point of their role, next to the old
+    ones. Guarded.
 
-    An address that holds one server (an elastic IP) cannot hold both: there, adding
-    is an atomic swap to the new server, and undo swaps back to the old one."""
+    An entry point that holds one server (an elastic IP) cannot hold both: there, adding
+    is an atomic swap to a new server when it holds one being replaced (`replacing`),
+    and undo swaps it back."""
 
     name = "AddMembers"
     retry = ADDRESS_RETRY
 
     def do(self, ctx: RunContext) -> StepResult:
         ids = ids_from(ctx, self.params)
-        address = ctx.config.address
-        current = ctx.provider.get_members(ctx.stack, address)
-        new = [i for i in ids if i not in current]
-        if new:
-            _guard_verified(ctx, new, self.params["verified_from"])
-        capacity = ctx.provider.address_capacity(ctx.stack, address)
-        members = (current + new)[-capacity:] if capacity else current + new
-        # Even with nothing new, set again: it is idempotent, and a load balancer's
-        # set_members is also where a retried step waits for its targets to be healthy.
-        ctx.provider.set_members(ctx.stack, address, members)
-        if not new:
-            return StepResult({"added": []}, noop="servers already behind the address")
-        return StepResult({"added": new, "previous": current})
+        replacing = set(self.params.get("replacing", []))
+        role = self.params.get("role") or ctx.config.serving_roles[0]
+        added: dict[str, list[str]] = {}
+        previous: dict[str, list[str]] = {}
+        guarded = False
+        for address in _serving(ctx, role):
+            current = ctx.provider.get_members(ctx.stack, address)
+            capacity = ctx.provider.address_capacity(ctx.stack, address)
+            if capacity == 1:
+                if set(current) & set(ids) or (current and current[0] not in replacing):
+                    continue  # already on a new server, or on one this batch keeps
+                members = ids[:1]
+            else:
+                # Even with nothing new, set again: it is idempotent, and a load
+                # balancer's set_members is where a retried step waits for health.
+                members = current + [i for i in ids if i not in current]
+            if (new := [i for i in members if i not in current]) and not guarded:
+                _guard_verified(ctx, ids, self.params["verified_from"])
+                guarded = True
+            ctx.provider.set_members(ctx.stack, address, members)
+            previous[address] = current
+            if new:
+                added[address] = new
+        if not added:
+            return StepResult({"added": {}}, noop="servers already behind every entry point")
+        return StepResult({"added": added, "previous": previous})
 
     def undo(self, ctx: RunContext) -> StepResult:
         ids = set(ids_from(ctx, self.params))
-        address = ctx.config.address
-        current = ctx.provider.get_members(ctx.stack, address)
-        if not ids & set(current):
-            return StepResult(noop="servers already out of the address")
-        remaining = [m for m in current if m not in ids]
-        if not remaining:
-            # A one-server address: point it back at what it held before.
-            remaining = ctx.output(self.key).get("previous", [])
+        role = self.params.get("role") or ctx.config.serving_roles[0]
+        previous: dict[str, list[str]] = ctx.output(self.key).get("previous", {})
+        replacing = self.params.get("replacing", [])
+        removed: dict[str, list[str]] = {}
+        for address in _serving(ctx, role):
+            current = ctx.provider.get_members(ctx.stack, address)
+            if not ids & set(current):
+                continue
+            remaining = [m for m in current if m not in ids]
             if not remaining:
-                raise GuardRefused("cannot empty the address and nothing to point it back to")
-        ctx.provider.set_members(ctx.stack, address, remaining)
+                # A one-server address: point it back at what it held before.
+                remaining = previous.get(address) or _running(ctx, replacing)[:1]
+                if not remaining:
+                    raise GuardRefused(
+                        f"cannot empty {address} and no old server is left to point it back to"
+                    )
+            ctx.provider.set_members(ctx.stack, address, remaining)
+            removed[address] = sorted(ids & set(current))
+        if not removed:
+            return StepResult(noop="servers already out of every entry point")
         _drain(ctx, sorted(ids))
-        return StepResult({"removed": sorted(ids)})
+        return StepResult({"removed": removed})
+
+
+def _running(ctx: RunContext, ids: list[str]) -> list[str]:
+    found = servers_by_id(ctx, ids)
+    return [i for i in ids if i in found and found[i].state == "running"]
+
+
+def _inflight(ctx: RunContext, ids: list[str]) -> dict[str, int]:
+    """Requests in flight to these servers, over every entry point."""
+    want = set(ids)
+    busy: dict[str, int] = {}
+    for ep in ctx.config.entry_points:
+        for i, n in ctx.provider.inflight(ctx.stack, ep.name).items():
+            if i in want and n > 0:
+                busy[i] = busy.get(i, 0) + n
+    return busy
 
 
 def _drain(ctx: RunContext, ids: list[str]) -> None:
+    if not ids:
+        return
     timeout = ctx.config.defaults.drain_timeout
     end = ctx.clock() + timeout
     interval = DRAIN_POLL_MIN
     while True:
-        inflight = ctx.provider.inflight(ctx.stack, ctx.config.address)
-        busy = {i: n for i in ids if (n := inflight.get(i, 0)) > 0}
+        busy = _inflight(ctx, ids)
         if not busy:
             return
         if ctx.clock() >= end:
@@ -433,6 +555,19 @@ def _drain(ctx: RunContext, ids: list[str]) -> None:
         interval = min(interval * 2, DRAIN_POLL_MAX)
 
 
+def guard_destroy(ctx: RunContext, ids: list[str]) -> None:
+    """I2 from the cloud's own view, right before a destroy: no server that still receives
+    traffic (an entry point of the stack, or any elastic IP in the account, even one the
+    config does not know) is destroyed. One batched read per kind of entry point."""
+    if serving := ctx.provider.routes_to(ctx.stack, ids):
+        where = "; ".join(f"{i} through {', '.join(eps)}" for i, eps in sorted(serving.items()))
+        ctx.log.error(events.DESTROY_REFUSED, serving=serving)
+        raise GuardRefused(
+            f"will not destroy servers that still serve: {where}. Move or release that "
+            "entry point first"
+        )
+
+
 class DrainServers(Step):
     """Wait until requests in flight to servers that left the address have finished."""
 
@@ -440,9 +575,10 @@ class DrainServers(Step):
 
     def do(self, ctx: RunContext) -> StepResult:
         ids = ids_from(ctx, self.params)
-        members = set(ctx.provider.get_members(ctx.stack, ctx.config.address))
-        if serving := members & set(ids):
-            raise GuardRefused(f"cannot drain servers still behind the address: {serving}")
+        role = self.params.get("role") or ctx.config.serving_roles[0]
+        for address in _serving(ctx, role):
+            if serving := set(ctx.provider.get_members(ctx.stack, address)) & set(ids):
+                raise GuardRefused(f"cannot drain servers still behind {address}: {serving}")
         _drain(ctx, ids)
         return StepResult({"drained": ids})
 
@@ -455,14 +591,15 @@ class DestroyServers(Step):
 
     def do(self, ctx: RunContext) -> StepResult:
         ids = ids_from(ctx, self.params)
-        members = set(ctx.provider.get_members(ctx.stack, ctx.config.address))
-        if serving := members & set(ids):
-            raise GuardRefused(f"will not destroy servers the address still routes to: {serving}")
         for server_id in self.params.get("data_ids", []):
             mode = ctx.provider.data_mode(ctx.stack, server_id)
             if int(mode.get("inflight", 0)) > 0:
                 raise TransientError(f"data server {server_id} still has writes in flight")
-        destroyed = ctx.provider.destroy_servers(ctx.stack, ids)
+        alive = [s.id for s in servers_by_id(ctx, ids).values() if s.state != "terminated"]
+        if not alive:
+            return StepResult({"destroyed": []}, noop="servers already destroyed")
+        guard_destroy(ctx, alive)
+        destroyed = ctx.provider.destroy_servers(ctx.stack, alive)
         if not destroyed:
             return StepResult({"destroyed": []}, noop="servers already destroyed")
         return StepResult({"destroyed": destroyed})
@@ -482,9 +619,6 @@ class RetireServers(Step):
         ]
         if not alive:
             return StepResult({"destroyed": []}, noop="old generation already gone")
-        members = set(ctx.provider.get_members(ctx.stack, ctx.config.address))
-        if serving := members & set(ids):
-            raise GuardRefused(f"will not retire servers the address still routes to: {serving}")
         ctx.wait(float(self.params.get("retain", 0)))
         _drain(ctx, alive)
         destroy = DestroyServers(key=self.key, ids=alive, data_ids=self.params.get("data_ids", []))

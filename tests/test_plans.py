@@ -31,7 +31,7 @@ def test_rebuild_plan_builds_verifies_migrates_then_cuts_over(world: World) -> N
     retire = plan.steps[-1]
     assert sorted(retire.params["ids"]) == sorted(world.live_servers())
     assert retire.irreversible and not any(s.irreversible for s in plan.steps[:-1])
-    assert plan.steps[8].params["previous"] == world.members()
+    assert plan.steps[8].params["previous"] == {"demo-eip": world.members()}
     # A plan survives the journal: it round-trips through its dict form.
     assert Plan.from_dict(plan.to_dict()).to_dict() == plan.to_dict()
 
@@ -69,11 +69,15 @@ def test_rotate_older_than_selects_nothing_young(world: World) -> None:
 
 
 def test_rotate_only_if_needed_picks_servers_failing_hygiene(world: World) -> None:
-    """--only-if-needed selects servers with a pending security upgrade, and only those."""
+    """--only-if-needed selects servers with a pending security upgrade, and only those.
+    Live, as a real run does; a plan (live=False) decides from recorded facts only and
+    asks no server (I8; tests/test_plan_readonly.py)."""
     index = world.cloud.read_package_index()
     index["packages"]["openssl"]["version"] = "3.0.99-1"  # a new security release
     world.cloud.write_package_index(index)
-    plan = plan_rotate(LocalProvider(world.cloud), "demo", world.config, only_if_needed=True)
+    plan = plan_rotate(
+        LocalProvider(world.cloud), "demo", world.config, only_if_needed=True, live=True
+    )
     assert sorted(plan.summary["selected"]) == sorted(world.members())
     assert all("openssl" in why for why in plan.summary["selected"].values())
 

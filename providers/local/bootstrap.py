@@ -32,7 +32,8 @@ def _wait_running(provider: LocalProvider, stack: str, ids: list[str]) -> None:
 def ensure_stack(cloud: LocalCloud, name: str, config: StackConfig) -> bool:
     """Start the stack's address and, if it has no servers, its generation 1."""
     provider = LocalProvider(cloud)
-    cloud.ensure_address(name, config.address)
+    for ep in config.entry_points:
+        cloud.ensure_address(name, ep.name)
     if cloud.server_rows(name):
         return False
     links: dict[str, str] = {}
@@ -51,7 +52,7 @@ def ensure_stack(cloud: LocalCloud, name: str, config: StackConfig) -> bool:
         )
         _wait_running(provider, name, [s.id for s in db])
         links = {"db": db[0].id}
-    web: list[str] = []
+    web: dict[str, list[str]] = {}
     for role_name in config.serving_roles:
         role = config.roles[role_name]
         created = provider.create_servers(
@@ -65,7 +66,8 @@ def ensure_stack(cloud: LocalCloud, name: str, config: StackConfig) -> bool:
             idempotency_key=f"bootstrap/{name}/{role_name}",
             links=links,
         )
-        web += [s.id for s in created]
-    _wait_running(provider, name, web)
-    provider.set_members(name, config.address, web)
+        web[role_name] = [s.id for s in created]
+    _wait_running(provider, name, [i for ids in web.values() for i in ids])
+    for ep in config.entry_points:
+        provider.set_members(name, ep.name, [i for r in ep.roles for i in web.get(r, [])])
     return True

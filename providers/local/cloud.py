@@ -363,6 +363,10 @@ class LocalCloud:
         )
         return row
 
+    def address_rows(self) -> list[sqlite3.Row]:
+        """Every address of the local cloud, of any stack."""
+        return list(self._db().execute("SELECT * FROM addresses ORDER BY stack, name"))
+
     def address(self, stack: str, name: str) -> AddressInfo | None:
         """The running proxy of an address, or None if it is not running."""
         row = self.address_row(stack, name)

@@ -112,7 +112,9 @@ class LocalProvider:
         size: str,
         idempotency_key: str,
         links: dict[str, str],
+        fresh: bool = False,
     ) -> list[Server]:
+        del fresh  # the look-up by key below is local and free: always made
         self._call("create_servers", f"{stack}:{role}:{count}:{idempotency_key}")
         db_url = None
         if "db" in links:
@@ -197,6 +199,13 @@ class LocalProvider:
             self.cloud.record_call(VERIFY_PASSED, False, current.id)
         return report
 
+    def pin_host_keys(
+        self, stack: str, servers: list[Server], known: dict[str, list[str]]
+    ) -> dict[str, list[str]]:
+        """The local cloud's own transport is not SSH: there are no host keys to pin.
+        (hygiene.transport = "ssh" here checks hygiene.ssh.known_hosts.)"""
+        return {}
+
     # --- address ----------------------------------------------------------------------
     def _address(self, stack: str, address: str) -> Any:
         info = self.cloud.address(stack, address)
@@ -242,6 +251,23 @@ class LocalProvider:
         except HttpError as exc:
             raise TransientError(str(exc)) from exc
         return {k: int(v) for k, v in data.get("inflight", {}).items()}
+
+    def routes_to(self, stack: str, ids: list[str]) -> dict[str, list[str]]:
+        """Every address (proxy) of the local cloud that has one of these as a member."""
+        self._call("routes_to", ",".join(ids))
+        want = set(ids)
+        out: dict[str, list[str]] = {}
+        for row in self.cloud.address_rows():
+            # Another stack's proxy that is not running routes nothing; ours is restarted.
+            if row["stack"] != stack and self.cloud.address(row["stack"], row["name"]) is None:
+                continue
+            for member in self.get_members(row["stack"], row["name"]):
+                if member in want:
+                    out.setdefault(member, []).append(row["name"])
+        return out
+
+    def refresh(self) -> None:
+        """The local cloud's reads are cheap and never kept."""
 
     def probe_address(self, stack: str, address: str, path: str) -> tuple[int, str | None]:
         self._call("probe_address", address)

@@ -49,9 +49,10 @@ def test_sigkill_mid_rebuild_then_resume(
     aws_server: AwsWorld, tmp_path: Path, aws_env_vars: dict[str, str], step: int
 ) -> None:
     """SIGKILL in the middle of a rebuild, then resume: no duplicate instances, and the
-    run completes with the EIP on the new generation."""
-    cfg = _config_file(aws_server, tmp_path)
-    aws_server.bootstrap(aws_server.provider(aws_server.config()), aws_server.config())
+    run completes with the EIP and the target group on the new generation."""
+    cfg = _config_file(aws_server, tmp_path, address="both")
+    config = aws_server.config(address="both")
+    aws_server.bootstrap(aws_server.provider(config), config)
     state = tmp_path / "state"
     crashed = _cli(
         cfg,
@@ -81,6 +82,9 @@ def test_sigkill_mid_rebuild_then_resume(
     ]
     assert len(all_of_run) == 3, "a resumed step launched twice"
     assert aws_server.eip_holder() in live
+    assert sorted(aws_server.healthy_targets()) == sorted(
+        i for i, v in live.items() if v["tags"]["changeover:role"] == "web"
+    )
 
 
 def test_plan_and_dry_run_make_zero_mutating_calls(

@@ -167,12 +167,12 @@ def test_launch_options_reach_run_instances(aws: AwsWorld) -> None:
 def test_quirk_reassociation_needs_the_flag_spelled_out(aws: AwsWorld) -> None:
     """moto refuses to move an associated EIP unless AllowReassociation is given; the
     provider always gives it, so the move works."""
-    config = aws.config(db=False)
+    config = aws.config(address="both", db=False)
     made = aws.bootstrap(aws.provider(config), config)
     with pytest.raises(ClientError, match="AlreadyAssociated"):
         aws.ec2.associate_address(AllocationId=aws.eip_alloc, InstanceId=made["web"][1])
     provider = aws.provider(config)
-    provider.set_members(aws.stack, config.address, [made["web"][1]])
+    provider.set_members(aws.stack, aws.eip_alloc, [made["web"][1]])
     assert aws.eip_holder() == made["web"][1]
 
 

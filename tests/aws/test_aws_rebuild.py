@@ -110,20 +110,21 @@ def test_plan_makes_no_mutating_call(aws: AwsWorld) -> None:
     plan_rebuild(provider, aws.stack, config)
     plan_rotate(provider, aws.stack, config)
     assert provider.accounting.mutating == []
-    assert provider.api_calls["DescribeInstances"] >= 2
+    assert provider.api_calls["DescribeInstances"] >= 1
 
 
 def test_quirks_elastic_ip_holder_is_read_from_describe_addresses(aws: AwsWorld) -> None:
     """The old instance keeps showing the EIP as its public IP; the holder is read from
     DescribeAddresses, and reassociation needs AllowReassociation spelled out."""
-    config = aws.config(db=False)
+    config = aws.config(address="both", db=False)
     provider = aws.provider(config)
     made = aws.bootstrap(provider, config)
     a, b = made["web"]
-    provider.set_members(aws.stack, config.address, [b])
+    provider.set_members(aws.stack, aws.eip_alloc, [b])
     stale = aws.ec2.describe_instances(InstanceIds=[a])["Reservations"][0]["Instances"][0]
     assert stale.get("PublicIpAddress"), "moto keeps the EIP on the old instance"
-    assert provider.get_members(aws.stack, config.address) == [b]
+    provider.refresh()
+    assert provider.get_members(aws.stack, aws.eip_alloc) == [b]
 
 
 def test_rotate_behind_an_elastic_ip_swaps_the_holder(aws: AwsWorld, tmp_path: Any) -> None:

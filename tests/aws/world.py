@@ -79,11 +79,26 @@ class AwsWorld:
         self,
         *,
         address: str = "eip",
-        web: int = 2,
+        web: int | None = None,
         db: bool = True,
         hygiene: dict[str, Any] | None = None,
         **defaults: Any,
     ) -> StackConfig:
+        """`address`: "eip" (one web server behind the Elastic IP, unless `web` says
+        otherwise), "tg" (the target group) or "both" (the target group holds every web
+        server, the Elastic IP one of them)."""
+        if web is None:
+            web = 1 if address == "eip" else 2
+        entry: dict[str, Any] = {
+            "eip": {"address": self.eip_alloc},
+            "tg": {"address": self.tg_arn},
+            "both": {
+                "addresses": [
+                    {"target_group": self.tg_arn, "roles": ["web"]},
+                    {"elastic_ip": self.eip_alloc, "roles": ["web"]},
+                ]
+            },
+        }[address]
         launch = {"ami": self.ami, "subnets": [self.subnet]}
         roles: dict[str, Any] = {
             "web": {
@@ -110,7 +125,7 @@ class AwsWorld:
                 "provider": "aws",
                 "region": REGION,
                 "endpoint_url": self.endpoint_url,
-                "address": self.eip_alloc if address == "eip" else self.tg_arn,
+                **entry,
                 "roles": roles,
                 "defaults": {"bake": 0.0, "retain": 0.0, "boot_timeout": 60.0, **defaults},
                 "hygiene": hygiene or {"pending": "ignore", "reboot_required_fails": False},
@@ -151,11 +166,9 @@ class AwsWorld:
             made[role] = [s.id for s in servers]
         for db in made.get("db", []):
             made["db_volume"] = [attach_data_volume(self.ec2, db, self.stack, DATA_DEVICE, 20)]
-        provider.set_members(
-            self.stack,
-            config.address,
-            made["web"][: provider.address_capacity(self.stack, config.address) or None],
-        )
+        for ep in config.entry_points:
+            capacity = provider.address_capacity(self.stack, ep.name)
+            provider.set_members(self.stack, ep.name, made["web"][: capacity or None])
         return made
 
     def instances(self, *, tagged_only: bool = True) -> dict[str, dict[str, Any]]:

@@ -8,6 +8,7 @@ openssh-server; elsewhere the SSH tests skip when there is no sshd.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
@@ -81,6 +82,14 @@ def _wait_banner(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
 @pytest.fixture
 def sshd(tmp_path: Path) -> Iterator[Sshd]:
     """An sshd on a free loopback port that lets the current user in with a test key."""
+    with running_sshd(tmp_path) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running_sshd(tmp_path: Path, extra_config: str = "") -> Iterator[Sshd]:
+    """Start the test sshd (with `extra_config` lines appended to its sshd_config);
+    stop it on the way out, even when the test fails."""
     if not Path(SSHD).exists() or shutil.which("ssh-keygen") is None:
         if os.environ.get("CI"):
             pytest.fail("sshd is missing in CI: .ci/run installs openssh-server")
@@ -102,7 +111,7 @@ def sshd(tmp_path: Path) -> Iterator[Sshd]:
         "UsePAM no\n"
         "StrictModes no\n"  # tmp dirs are not owned the way sshd wants for ~/.ssh
         "PermitRootLogin prohibit-password\n"
-        "LogLevel VERBOSE\n"
+        "LogLevel VERBOSE\n" + extra_config
     )
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)

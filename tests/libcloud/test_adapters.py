@@ -230,4 +230,4 @@ def test_rotate_through_a_load_balancer(ec2_local: Ec2World, tmp_path: Path) -> 
     assert {m.id for m in lb.members}.isdisjoint(old) and len(lb.members) == 2
     assert not set(old) & set(world.instances()) and world.alive(world.foreign)
     assert p.address_capacity(world.stack, config.address) is None
-    assert isinstance(p.address, LoadBalancerMembers)
+    assert isinstance(p.addresses[config.address], LoadBalancerMembers)

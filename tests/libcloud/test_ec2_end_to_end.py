@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from orchestrator.engine import Engine
-from orchestrator.models import TAG_GENERATION, TAG_ROLE
+from orchestrator.models import TAG_GENERATION, TAG_ROLE, TAG_RUN, TAG_STACK
 from orchestrator.plan import Outcome
 from providers.libcloud_data import TAG_DATA_MODE, TAG_DATA_OF
 from providers.libcloud_provider import LibcloudProvider
@@ -50,6 +50,15 @@ def test_rebuild_moves_the_address_and_the_data_volume(ec2: Ec2World, tmp_path: 
     assert vol["Attachments"][0]["Device"] == DEVICE
     snap = ec2.ec2.describe_snapshots(SnapshotIds=[vol["SnapshotId"]])["Snapshots"][0]
     assert snap["VolumeId"] == made["volumes"][0]
+    # I4: the snapshots and the volume the run made carry its id, like its instances.
+    assert {t["Key"]: t["Value"] for t in vol["Tags"]}[TAG_RUN] == result.run_id
+    flt = [{"Name": f"tag:{TAG_STACK}", "Values": [ec2.stack]}]
+    snaps = ec2.ec2.describe_snapshots(OwnerIds=["self"], Filters=flt)["Snapshots"]
+    assert snaps and all(
+        {t["Key"]: t["Value"] for t in s.get("Tags", [])}.get(TAG_RUN) == result.run_id
+        for s in snaps
+    )
+    assert {live[i][TAG_RUN] for i in live if i != ec2.foreign} == {result.run_id}
     # The old db froze before the final snapshot; the new one took writes after it.
     assert ec2.transport.ran(FREEZE) == made["db"]
     assert ec2.transport.ran(UNFREEZE) == [new_db]
