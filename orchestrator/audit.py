@@ -45,6 +45,8 @@ from orchestrator.hygiene import (
 )
 from orchestrator.log import get_logger
 from orchestrator.models import Server
+from orchestrator.security import SecurityStatus
+from orchestrator.security import read_status as read_security
 from orchestrator.settings import HygienePolicy, StackConfig
 
 if TYPE_CHECKING:
@@ -79,6 +81,8 @@ def select_transport(provider: Provider, policy: HygienePolicy) -> Transport:
         transport = own(policy)
         if kind == "auto" or transport.name == "ssm":
             return transport
+    if kind == "ssh" and provider.name == "static" and callable(own):
+        return own(policy)  # SSH to each listed host at its own port, as its own user
     if kind == "auto":
         kind = "local" if provider.name == "local" else "ssh"
     if kind == "local":
@@ -210,6 +214,7 @@ class ServerAudit:
     recommendation: Recommendation = field(default_factory=lambda: Recommendation("leave", ""))
     error: str | None = None
     refused: bool = False
+    security: SecurityStatus | None = None  # unattended security upgrades (real hosts)
 
     def to_dict(self, policy: HygienePolicy) -> dict[str, Any]:
         s = self.server
@@ -242,6 +247,7 @@ class ServerAudit:
             "recommendation": self.recommendation.to_dict(),
             "error": self.error,
             "refused": self.refused,
+            "security": self.security.to_dict() if self.security else None,
             "facts": f.to_dict() if f else None,
         }
 
@@ -336,6 +342,17 @@ class AuditReport:
             if f.reboot_required_pkgs:
                 reboot += f" ({', '.join(f.reboot_required_pkgs)})"
             rows.append(["reboot required", reboot])
+            if (uu := a.security) is not None:
+                rows.append(
+                    [
+                        "unattended upgrades",
+                        "not installed"
+                        if not uu.installed
+                        else ("enabled" if uu.enabled else "disabled")
+                        + (", security only" if uu.security_only else ", not security-only")
+                        + (", reboots automatically" if uu.automatic_reboot else ""),
+                    ]
+                )
             drift = {d.component: d for d in a.drift}
             for comp in sorted(set(f.components) | set(drift)):
                 value = f.components.get(comp, "absent")
@@ -475,6 +492,12 @@ def stack_recommendation(
     )
     if worst == "leave":
         return Recommendation("leave", f"all {len(audits)} server(s) are up to date"), None
+    if worst == "replace" and config.provider == "static":
+        # Servers nobody can create are not replaced: upgrading in place is what is left.
+        only = " --security-only" if config.hygiene.pending == "security" else ""
+        return Recommendation(
+            "patch", f"{reason}; a static stack's servers cannot be replaced, so upgrade them"
+        ), f"changeover upgrade {stack}{only}"
     if worst == "replace":
         serving_roles = set(config.serving_roles)
         # rotate --only-if-needed selects exactly the serving servers failing the gate.
@@ -536,6 +559,13 @@ def audit_stack(
                     a.error, a.refused = str(exc), True
                 except ChangeoverError as exc:
                     a.error = str(exc)
+                if a.facts is not None and transport.name == "ssh":
+                    # A second read, only where real packages are: the local cloud's are
+                    # simulated, and SSM would add a command per server.
+                    try:
+                        a.security = read_security(transport, server)
+                    except ChangeoverError as exc:
+                        log.warning(AUDIT_SERVER_FAILED, server=server.id, error=str(exc))
                 if a.error:
                     log.warning(AUDIT_SERVER_FAILED, server=server.id, error=a.error)
             if a.facts is not None:

@@ -32,6 +32,10 @@ app = typer.Typer(
 )
 local_app = typer.Typer(help="The embedded local cloud.", no_args_is_help=True)
 app.add_typer(local_app, name="local")
+security_app = typer.Typer(
+    help="Unattended upgrades from the security origins only.", no_args_is_help=True
+)
+app.add_typer(security_app, name="security")
 
 
 class State:
@@ -139,6 +143,10 @@ def make_provider(settings: Settings, name: str, config: StackConfig) -> Provide
                 f"pip install 'changeover[libcloud]' ({exc})"
             ) from None
         return make_libcloud_provider(name, config, state_dir=settings.state_path)
+    if config.provider == "static":
+        from providers.static import StaticProvider
+
+        return StaticProvider(name, config)
     raise BadInput(f"stack {name!r}: unknown provider {config.provider!r}")
 
 
@@ -411,7 +419,10 @@ def stacks(ctx: typer.Context) -> None:
     _emit(settings, {"stacks": rows}, "\n".join(text) or "no stacks configured", table)
 
 
-StrategyArg = Annotated[str, typer.Argument(help="rebuild | rotate", metavar="STRATEGY")]
+StrategyArg = Annotated[str, typer.Argument(help="rebuild | rotate | upgrade", metavar="STRATEGY")]
+RebootOpt = Annotated[
+    str, typer.Option(help="auto (when reboot-required says so) | never | always")
+]
 
 
 @app.command()
@@ -426,6 +437,10 @@ def plan(
     min_healthy: Annotated[int | None, typer.Option(min=0, max=100)] = None,
     older_than: str | None = None,
     only_if_needed: bool = False,
+    batch: Annotated[int | None, typer.Option(min=1)] = None,
+    security_only: bool = False,
+    dist_upgrade: bool = False,
+    reboot: RebootOpt = "auto",
 ) -> None:
     """The steps a run would take. Makes no mutating call."""
     settings = _state(ctx).settings
@@ -438,6 +453,10 @@ def plan(
         min_healthy=min_healthy,
         older_than=older_than,
         only_if_needed=only_if_needed,
+        batch=batch,
+        security_only=security_only,
+        dist_upgrade=dist_upgrade,
+        reboot=reboot,
         live=False,  # a plan makes only read calls (I8): it decides from recorded facts
         state_dir=settings.state_path,
     )
@@ -473,7 +492,20 @@ def _builder(strategy: str, **o: Any) -> Any:
             live=o.get("live", False),
             state_dir=o.get("state_dir"),
         )
-    raise BadInput(f"unknown strategy {strategy!r} (rebuild, rotate)")
+    if strategy == "upgrade":
+        from strategies.upgrade import plan_upgrade
+
+        return lambda p, n, c: plan_upgrade(
+            p,
+            n,
+            c,
+            batch=o.get("batch"),
+            security_only=o.get("security_only", False),
+            dist_upgrade=o.get("dist_upgrade", False),
+            reboot=o.get("reboot", "auto"),
+            min_healthy=o.get("min_healthy"),
+        )
+    raise BadInput(f"unknown strategy {strategy!r} (rebuild, rotate, upgrade)")
 
 
 @app.command()
@@ -522,6 +554,36 @@ def rotate(
         # A real run may ask the servers (SSM on aws); --dry-run only reads (I8).
         live=not dry_run,
         state_dir=settings.state_path,
+    )
+    raise typer.Exit(_execute(settings, stack, builder, yes, dry_run))
+
+
+@app.command()
+def upgrade(
+    ctx: typer.Context,
+    stack: str,
+    security_only: Annotated[
+        bool, typer.Option(help="only upgrades from the security origins")
+    ] = False,
+    dist_upgrade: Annotated[
+        bool, typer.Option(help="apt dist-upgrade: also upgrades that need new packages")
+    ] = False,
+    batch: Annotated[int | None, typer.Option(min=1, help="servers out at a time")] = None,
+    reboot: RebootOpt = "auto",
+    min_healthy: Annotated[int | None, typer.Option(min=0, max=100, help="percent serving")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
+    dry_run: Annotated[bool, typer.Option(help="print the plan; change nothing")] = False,
+) -> None:
+    """Upgrade the serving servers in place, a batch at a time: drain, upgrade, reboot
+    if required, verify, put back."""
+    settings = _state(ctx).settings
+    builder = _builder(
+        "upgrade",
+        batch=batch,
+        security_only=security_only,
+        dist_upgrade=dist_upgrade,
+        reboot=reboot,
+        min_healthy=min_healthy,
     )
     raise typer.Exit(_execute(settings, stack, builder, yes, dry_run))
 
@@ -627,8 +689,11 @@ def status(ctx: typer.Context, run_id: Annotated[str | None, typer.Argument()] =
         f"`changeover rollback {rec.id}`",
     }.get(rec.status, "")
     if barrier is not None and not alive:
+        from orchestrator.plan import Step
+
+        crossed = next(s for s in rec.plan["steps"] if s["key"] == barrier)
         advice = (
-            f"past the point of no return of {barrier} (the new servers serve): "
+            f"past the point of no return of {barrier} ({Step.from_dict(crossed).no_return}): "
             f"`changeover resume {rec.id}` finishes it; rollback is refused"
         )
     data: dict[str, Any] = {
@@ -725,14 +790,87 @@ def audit(ctx: typer.Context, stack: str) -> None:
     raise typer.Exit(report.exit_code)
 
 
+def _security(ctx: typer.Context, stack: str, *, enable: bool, reboot_at: str | None) -> None:
+    from orchestrator.audit import select_transport
+    from orchestrator.errors import BadInput
+    from orchestrator.security import check_reboot_at, run_security
+
+    settings = _state(ctx).settings
+    config = settings.stack(stack)
+    check_reboot_at(reboot_at)
+    provider = make_provider(settings, stack, config)
+    if enable:
+        engine = _engine(settings, provider, config)
+        try:
+            engine.ensure_free(stack)  # a run in progress owns the servers: exit 4
+        finally:
+            engine.close()
+    transport = select_transport(provider, config.hygiene)
+    if transport.name == "local":
+        raise BadInput(
+            f"stack {stack!r}: the local cloud's packages are simulated; `security` needs "
+            "real hosts (ssh or ssm)"
+        )
+    report = run_security(
+        transport, stack, provider.list_servers(stack), enable=enable, reboot_at=reboot_at
+    )
+    _emit(
+        settings,
+        report.to_dict(),
+        report.text(),
+        (report.message(), list(report.HEADERS), report.rows()),
+    )
+    raise typer.Exit(report.exit_code)
+
+
+@security_app.command("enable")
+def security_enable(
+    ctx: typer.Context,
+    stack: str,
+    reboot_at: Annotated[
+        str | None,
+        typer.Option("--reboot-at", help="reboot automatically at HH:MM when required"),
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
+) -> None:
+    """Install and configure unattended upgrades for the security origins only, then
+    read the effective configuration back (apt-config dump, unattended-upgrade
+    --dry-run; dnf-automatic's config)."""
+    from orchestrator.errors import BadInput
+    from orchestrator.security import check_reboot_at
+
+    check_reboot_at(reboot_at)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise BadInput("security enable changes the servers' configuration: pass --yes")
+        reboot = f"reboot at {reboot_at} when required" if reboot_at else "no automatic reboot"
+        if not typer.confirm(f"Enable unattended security upgrades on {stack} ({reboot})?"):
+            raise typer.Exit(2)
+    _security(ctx, stack, enable=True, reboot_at=reboot_at)
+
+
+@security_app.command("status")
+def security_status(ctx: typer.Context, stack: str) -> None:
+    """Per server: unattended upgrades installed, enabled, from which origins, and
+    whether they reboot automatically. Read-only."""
+    _security(ctx, stack, enable=False, reboot_at=None)
+
+
 @app.command()
-def rehearse(ctx: typer.Context, scenario_file: Path) -> None:
+def rehearse(
+    ctx: typer.Context,
+    scenario_file: Path,
+    html: Annotated[
+        Path | None,
+        typer.Option("--html", help="write the run's report, with the load, as HTML here"),
+    ] = None,
+) -> None:
     """Run a rehearsal scenario: a strategy under load with faults, then checks."""
     from orchestrator.rehearse import load_scenario, run_scenario
 
     settings = _state(ctx).settings
     scenario = load_scenario(scenario_file)
-    report = run_scenario(scenario, state_dir=settings.state_path)
+    report = run_scenario(scenario, state_dir=settings.state_path, html=html)
     text = [f"scenario {scenario.name}: {'PASS' if report['passed'] else 'FAIL'}"]
     if load := report.get("load"):
         text.append(
@@ -743,8 +881,47 @@ def rehearse(ctx: typer.Context, scenario_file: Path) -> None:
     text += [
         f"  {c['check']}: {'ok' if c['ok'] else 'FAILED'} ({c['detail']})" for c in report["checks"]
     ]
+    if report.get("html"):
+        text.append(f"  html report: {report['html']} (run {report['run_id']})")
     _emit(settings, report, "\n".join(text))
     raise typer.Exit(0 if report["passed"] else 1)
+
+
+@app.command()
+def report(
+    ctx: typer.Context,
+    run_id: str,
+    html: Annotated[
+        Path | None, typer.Option("--html", help="write a self-contained HTML report here")
+    ] = None,
+) -> None:
+    """What a run did, from the journal: timeline, health gate, calls, outcome."""
+    from orchestrator.db import connect
+    from orchestrator.report import build_report, report_text
+
+    settings = _state(ctx).settings
+    conn = connect(settings.state_path)
+    try:
+        data = build_report(conn, run_id)
+    finally:
+        conn.close()
+    text = report_text(data)
+    if html is not None:
+        _write_html(html, data)
+        text += f"\n  html report: {html}"
+    _emit(settings, data, text)
+
+
+def _write_html(path: Path, data: dict[str, Any]) -> None:
+    """Write the HTML report; a path that cannot be written is bad input (exit 2)."""
+    from orchestrator.errors import BadInput
+    from orchestrator.redact import redact
+    from orchestrator.report_html import render_html
+
+    try:
+        path.write_text(render_html(redact(data)), encoding="utf-8")
+    except OSError as exc:
+        raise BadInput(f"--html {path}: cannot write the report: {exc.strerror}") from None
 
 
 @local_app.command("up")

@@ -68,6 +68,16 @@ CREATE TABLE IF NOT EXISTS component_versions (
 );
 CREATE INDEX IF NOT EXISTS component_versions_server
     ON component_versions(stack, server_id, recorded_at);
+-- What happened to a run between and around its steps (a resume, a rollback, each
+-- undo, the end), with its time: what a report's timeline draws besides the steps.
+CREATE TABLE IF NOT EXISTS run_events (
+    run_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    step TEXT,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS run_events_run ON run_events(run_id, at);
 """
 
 

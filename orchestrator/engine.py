@@ -180,6 +180,7 @@ class Engine:
         plan = Plan.from_dict(rec.plan)
         lease = self.lock.acquire(rec.stack, rec.id)
         get_logger(run=rec.id).info(events.RUN_RESUMED, status=rec.status, token=lease.token)
+        self.journal.event(rec.id, lease, "resumed", detail=rec.status)
         records = self.journal.steps(rec.id)
         if _barrier(plan, records) is None and rec.status in ("rolling_back", "dirty"):
             # A run that began undoing only ever goes on undoing.
@@ -200,10 +201,11 @@ class Engine:
         if (barrier := _barrier(plan, records)) is not None:
             raise PreconditionFailed(
                 f"cannot roll back run {rec.id}: {barrier.key} began what cannot be undone "
-                f"(servers of the old generation are being destroyed), so the new servers "
-                f"are serving; nothing was touched. `changeover resume {rec.id}` finishes it"
+                f"({plan.steps[barrier.idx].no_return}); nothing was touched. "
+                f"`changeover resume {rec.id}` finishes it"
             )
         lease = self.lock.acquire(rec.stack, rec.id)
+        self.journal.event(rec.id, lease, "rollback_requested", detail=rec.status)
         return self._rollback(rec.id, plan, lease, cause="rollback requested by operator")
 
     # --- driving -----------------------------------------------------------------------
@@ -352,15 +354,17 @@ class Engine:
                 self.journal.step_failed(run_id, idx, lease, reason, tries=self._tries)
                 ctx.log.error(events.STEP_FAILED, step=step.key, error=reason)
                 self.on_event("step_failed", {"step": step.key, "error": reason})
-                if self._crossed:
+                if self._crossed or _forward_only(plan, self.journal.steps(run_id), idx):
+                    advice = step.stopped_advice(run_id, plan.stack) or (
+                        "The new servers are serving and rollback cannot go back past this "
+                        f"step; fix the cause, then `changeover resume {run_id}` finishes it"
+                    )
                     return self._finish(
                         run_id,
                         plan,
                         lease,
                         Outcome.DIRTY,
-                        f"{step.key} failed past its point of no return: {reason}. The new "
-                        "servers are serving and rollback cannot go back past this step; fix "
-                        f"the cause, then `changeover resume {run_id}` finishes it",
+                        f"{step.key} failed past its point of no return: {reason}. {advice}",
                     )
                 touched = touched_before or self.guard.mutations > 0
                 if isinstance(exc, PreconditionFailed) and not touched:
@@ -398,7 +402,9 @@ class Engine:
 
     def _undo_steps(self, run_id: str, plan: Plan, lease: Lease, *, cause: str) -> RunResult:
         self.journal.set_status(run_id, "rolling_back", lease, error=cause)
+        self.journal.event(run_id, lease, "rollback_started", detail=cause)
         ctx = self._context(run_id, plan, lease)
+        ctx.provider.refresh()  # whatever failed may have changed the world: read it anew
         ctx.log.warning(events.RUN_ROLLBACK_STARTED, cause=cause)
         self.on_event("rollback_started", {"cause": cause})
         records = self.journal.steps(run_id)
@@ -407,6 +413,7 @@ class Engine:
             if rec.undo_state == "done" or not step.has_undo:
                 continue
             self.journal.undo_state(run_id, rec.idx, lease, "started")
+            self.journal.event(run_id, lease, "undo_started", step=step.key)
             ctx.log.info(events.STEP_UNDO_STARTED, step=step.key)
             self.on_event("undo_started", {"step": step.key})
             try:
@@ -416,6 +423,7 @@ class Engine:
             except Exception as exc:
                 reason = _reason(exc)
                 self.journal.undo_state(run_id, rec.idx, lease, "failed", reason)
+                self.journal.event(run_id, lease, "undo_failed", step=step.key, detail=reason)
                 ctx.log.error(events.STEP_UNDO_FAILED, step=step.key, error=reason)
                 message = (
                     f"{cause}; then undoing {step.key} failed: {reason}. The stack needs an "
@@ -424,6 +432,7 @@ class Engine:
                 )
                 return self._finish(run_id, plan, lease, Outcome.DIRTY, message)
             self.journal.undo_state(run_id, rec.idx, lease, "done")
+            self.journal.event(run_id, lease, "undo_done", step=step.key)
             ctx.log.info(events.STEP_UNDO_DONE, step=step.key)
             self.on_event("undo_done", {"step": step.key})
         ctx.log.warning(events.RUN_ROLLBACK_FINISHED, cause=cause)
@@ -446,6 +455,7 @@ class Engine:
             result=summary,
             error=None if outcome == Outcome.SUCCEEDED else message,
         )
+        self.journal.event(run_id, lease, "finished", detail=outcome.value)
         self.lock.release(lease)
         get_logger(run=run_id).info(events.RUN_FINISHED, outcome=outcome.value)
         return RunResult(run_id, outcome, message, summary)
@@ -534,11 +544,25 @@ def _past_no_return(plan: Plan, rec: StepRecord) -> bool:
     return rec.state == "done" or rec.outputs.get("point_of_no_return") is not None
 
 
+def _forward_only(plan: Plan, records: list[StepRecord], idx: int) -> bool:
+    """Is step `idx` forward-only now: the nearest irreversible step before it crossed
+    its point of no return?"""
+    if not plan.steps[idx].forward_only:
+        return False
+    for rec in reversed(records[:idx]):
+        if plan.steps[rec.idx].irreversible:
+            return _past_no_return(plan, rec)
+    return False
+
+
 def _barrier(plan: Plan, records: list[StepRecord]) -> StepRecord | None:
-    """An irreversible step past its point of no return that has not finished: the run
-    can only go forward from here."""
+    """An irreversible step past its point of no return that has not finished, or an
+    unfinished step that is forward-only behind one: the run can only go forward from
+    here."""
     for rec in records:
         if rec.state in ("started", "failed") and _past_no_return(plan, rec):
+            return rec
+        if rec.state != "done" and _forward_only(plan, records, rec.idx):
             return rec
     return None
 

@@ -64,6 +64,31 @@ class RunRecord:
         return self.status not in UNFINISHED
 
 
+@dataclass
+class RunEvent:
+    """Something that happened to a run besides a step's start and end: it was resumed,
+    a rollback began, a step was undone, the run ended. Kinds are in EVENT_KINDS."""
+
+    at: float
+    kind: str
+    step: str | None
+    detail: str | None
+
+
+# resumed / rollback_requested: a new process took the run over (detail: the status it
+# found); rollback_started (detail: the cause); undo_started / undo_done / undo_failed
+# (step: the step undone); finished (detail: the outcome).
+EVENT_KINDS = (
+    "resumed",
+    "rollback_requested",
+    "rollback_started",
+    "undo_started",
+    "undo_done",
+    "undo_failed",
+    "finished",
+)
+
+
 def _dumps(value: Any) -> str:
     """JSON for the journal, secrets masked (I9)."""
     return json.dumps(redact(value))
@@ -184,7 +209,30 @@ class Journal:
             (state, redact_text(error) if error else error, run_id, idx),
         )
 
+    def event(
+        self,
+        run_id: str,
+        lease: Lease | None,
+        kind: str,
+        *,
+        step: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        """Record a RunEvent now (fenced like every write made for a run)."""
+        self._fenced(
+            lease,
+            "INSERT INTO run_events (run_id, at, kind, step, detail) VALUES (?,?,?,?,?)",
+            (run_id, time.time(), kind, step, redact_text(detail) if detail else detail),
+        )
+
     # --- reads -----------------------------------------------------------------------
+    def events(self, run_id: str) -> list[RunEvent]:
+        rows = self.conn.execute(
+            "SELECT at, kind, step, detail FROM run_events WHERE run_id=? ORDER BY at, rowid",
+            (run_id,),
+        ).fetchall()
+        return [RunEvent(r["at"], r["kind"], r["step"], r["detail"]) for r in rows]
+
     def get_run(self, run_id: str) -> RunRecord | None:
         row = self.conn.execute("SELECT * FROM runs WHERE id=?", (run_id,)).fetchone()
         return _run(row) if row else None

@@ -100,7 +100,7 @@ class RunContext:
 
 STEP_TYPES: dict[str, type[Step]] = {}
 # Modules whose Step subclasses a journaled plan may name; imported on demand to rebuild one.
-STEP_MODULES = ("strategies.steps",)
+STEP_MODULES = ("strategies.steps", "strategies.upgrade_steps")
 
 
 class Step(abc.ABC):
@@ -110,6 +110,15 @@ class Step(abc.ABC):
     retry: ClassVar[RetryPolicy] = RetryPolicy()
     # Past an irreversible step, rollback cannot go: it undoes only what came after.
     irreversible: ClassVar[bool] = False
+    # What an irreversible step's point of no return means, for the operator.
+    no_return: ClassVar[str] = (
+        "servers of the old generation are being destroyed, so the new servers are serving"
+    )
+    # Once the nearest irreversible step before it crossed its point of no return, this
+    # step only goes forward (an upgraded server is rebooted and verified before it may
+    # serve again): its failure ends the run dirty for `resume`, and `rollback` refuses
+    # while it is unfinished.
+    forward_only: ClassVar[bool] = False
 
     def __init__(self, key: str | None = None, **params: Any) -> None:
         self.key = key or self.name
@@ -130,6 +139,11 @@ class Step(abc.ABC):
 
     def undo(self, ctx: RunContext) -> StepResult | None:
         """Undo what do() did. None means there is nothing to undo for this step."""
+        return None
+
+    def stopped_advice(self, run_id: str, stack: str) -> str | None:
+        """What the operator should do when this step stops a run dirty past a point of
+        no return; None: the engine's own words."""
         return None
 
     @property

@@ -30,6 +30,9 @@ from orchestrator.errors import BadInput, ConfigError
 from orchestrator.guard import parse_call_spec
 from orchestrator.load import DEFAULT_TIMEOUT, LoadGenerator, LoadResult
 from orchestrator.plan import Outcome
+from orchestrator.redact import redact
+from orchestrator.report import attach_load, build_report
+from orchestrator.report_html import render_html
 from orchestrator.settings import DEMO_STACK, StackConfig, read_utf8
 from providers.local.bootstrap import ensure_stack
 from providers.local.cloud import LocalCloud
@@ -192,6 +195,17 @@ class World:
         port = self.db_port(server_id)
         return str(request(port, "GET", "/admin/mode", token=self.cloud.control_token)[1]["mode"])
 
+    def publish(self, packages: dict[str, dict[str, Any]]) -> None:
+        """Publish new versions in the simulated package index (what the mirror serves)."""
+        index = self.cloud.read_package_index()
+        index.setdefault("packages", {}).update(packages)
+        self.cloud.write_package_index(index)
+
+    def facts(self, server_id: str) -> dict[str, Any]:
+        """A server's simulated host facts (installed and pending packages, boots)."""
+        facts: dict[str, Any] = request(self.db_port(server_id), "GET", "/facts")[1]
+        return facts
+
     def load(self, rate: float = 250.0, connections: int = 4, **kw: Any) -> LoadGenerator:
         return LoadGenerator(
             "127.0.0.1", self.address_port, rate=rate, connections=connections, **kw
@@ -221,12 +235,16 @@ class Scenario:
     then: str | None = None  # resume | rollback, after a crash
     expect: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    # Package versions published once the stack is up (the servers then have pending
+    # upgrades): name -> {"version", "security", "reboot"}.
+    publish: dict[str, Any] = field(default_factory=dict)
 
 
 SCENARIO_KEYS = set(Scenario.__dataclass_fields__)
 
 # The provider calls of the local cloud a `fail_call` or `latency` fault can target.
 FAULT_OPS = (
+    "boot_state",
     "create_servers",
     "data_copy_live",
     "data_final_sync",
@@ -242,7 +260,9 @@ FAULT_OPS = (
     "inflight",
     "list_servers",
     "probe_address",
+    "reboot_server",
     "set_members",
+    "upgrade_packages",
     "verify_server",
 )
 FaultOp = Literal[FAULT_OPS]  # type: ignore[valid-type]
@@ -312,11 +332,19 @@ class _Expect(_Spec):
     failed_requests: int | None = Field(default=None, ge=0)
     min_rate: float | None = Field(default=None, ge=0)
     writes_lost: int | None = Field(default=None, ge=0)
+    no_pending_security: bool = False
+
+
+class _Package(_Spec):
+    version: str = Field(min_length=1)
+    security: bool = False
+    reboot: bool = False
+    kept_back: bool = False
 
 
 class _ScenarioFile(_Spec):
     name: str = Field(pattern=SCENARIO_NAME)
-    strategy: Literal["rebuild", "rotate"]
+    strategy: Literal["rebuild", "rotate", "upgrade"]
     args: list[str] = Field(default_factory=list)
     stack: dict[str, Any] = Field(default_factory=dict)
     faults: list[_Fault] = Field(default_factory=list)
@@ -327,6 +355,7 @@ class _ScenarioFile(_Spec):
     then: Literal["resume", "rollback"] | None = None
     expect: _Expect = Field(default_factory=_Expect)
     description: str = ""
+    publish: dict[str, _Package] = Field(default_factory=dict)
 
 
 def _field_error(exc: ValidationError) -> str:
@@ -450,6 +479,7 @@ def load_scenario(path: Path) -> Scenario:
         then=spec.then,
         expect=expect,
         description=spec.description,
+        publish={k: v.model_dump() for k, v in spec.publish.items()},
     )
 
 
@@ -457,15 +487,18 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def run_scenario(scenario: Scenario, *, state_dir: Path) -> dict[str, Any]:
-    """Build the world, run the scenario, check its expectations, tear the world down."""
+def run_scenario(
+    scenario: Scenario, *, state_dir: Path, html: Path | None = None
+) -> dict[str, Any]:
+    """Build the world, run the scenario, check its expectations, tear the world down.
+    With `html`, write the run's report there, with the load on its time axis."""
     stack = json.loads(json.dumps(DEMO_STACK))
     _deep_update(stack, scenario.stack)
     world = World(
         state_dir / "rehearsals" / f"{scenario.name}-{int(time.time())}", stack_config=stack
     )
     try:
-        return _run(world, scenario)
+        return _run(world, scenario, html)
     finally:
         world.down()
 
@@ -478,8 +511,10 @@ def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> None:
             base[k] = v
 
 
-def _run(world: World, sc: Scenario) -> dict[str, Any]:
+def _run(world: World, sc: Scenario, html: Path | None = None) -> dict[str, Any]:
     world.up()
+    if sc.publish:
+        world.publish(sc.publish)
     before_members = sorted(world.members())
     before_servers = set(world.live_servers())
     for fault in sc.faults:
@@ -542,7 +577,15 @@ def _run(world: World, sc: Scenario) -> dict[str, Any]:
     if "generation_after" in exp:
         gens = {world.live_servers()[m]["generation"] for m in after_members}
         check("generation", gens == {exp["generation_after"]}, sorted(gens))
+    if exp.get("no_pending_security"):
+        pending = {
+            m: names
+            for m in after_members
+            if (names := [p["name"] for p in world.facts(m)["pending"] if p["security"]])
+        }
+        check("no pending security upgrades", not pending, pending)
     figures: dict[str, Any] = {}
+    lost: list[int] = []
     if load_result is not None:
         figures = load_result.to_dict()
         lost = world.lost_writes(load_result)
@@ -565,14 +608,50 @@ def _run(world: World, sc: Scenario) -> dict[str, Any]:
                 len(lost) <= exp["writes_lost"],
                 f"{len(lost)} of {len(load_result.acked_writes)}",
             )
-    return {
-        "scenario": sc.name,
-        "passed": bool(checks) and all(c["ok"] for c in checks),  # no check is no pass
-        "checks": checks,
-        "load": figures,
-        "result": {k: v for k, v in result.items() if k != "_stderr"},
-        "stderr_tail": result.get("_stderr", "")[-1500:],
-    }
+    out: dict[str, Any] = {}
+    if html is not None:
+        out["html"] = str(html)
+        out["run_id"] = _write_report(
+            world, sc.name, html, load=load_result, lost=lost, checks=checks
+        )
+    return (
+        out
+        | {
+            "scenario": sc.name,
+            "passed": bool(checks) and all(c["ok"] for c in checks),  # no check is no pass
+            "checks": checks,
+            "load": figures,
+            "result": {k: v for k, v in result.items() if k != "_stderr"},
+            "stderr_tail": result.get("_stderr", "")[-1500:],
+        }
+    )
+
+
+def _write_report(
+    world: World,
+    name: str,
+    path: Path,
+    *,
+    load: LoadResult | None,
+    lost: list[int],
+    checks: list[dict[str, Any]],
+) -> str:
+    """The run's report with the rehearsal's load and checks, as HTML at `path`."""
+    run_id = _last_run_id(world)
+    conn = connect(world.state_dir)
+    try:
+        data = build_report(conn, run_id)
+    finally:
+        conn.close()
+    if load is not None:
+        attach_load(data, load, lost=lost, checks=checks, scenario=name)
+    else:
+        data["scenario"] = {"name": name, "passed": all(c["ok"] for c in checks), "checks": checks}
+    try:
+        path.write_text(render_html(redact(data)), encoding="utf-8")
+    except OSError as exc:
+        raise BadInput(f"--html {path}: cannot write the report: {exc.strerror}") from None
+    return run_id
 
 
 def _last_run_id(world: World) -> str:

@@ -290,6 +290,51 @@ class EntryPoint(_Strict):
         return str(next(v for k in _ENTRY_KEYS if (v := getattr(self, k)) is not None))
 
 
+class StaticHost(_Strict):
+    """A server of a `static` stack: one you already have, reached over SSH."""
+
+    id: str = Field(description="the server's name in changeover's output and journal")
+    address: str = Field(min_length=1, description="host name or IP address to SSH to")
+    port: Int = Field(default=22, ge=1, le=65535)
+    user: str | None = Field(default=None, min_length=1, description="default: hygiene.ssh.user")
+    role: str = Field(default="web", min_length=1)
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        if not NAME_PATTERN.fullmatch(value):
+            raise ValueError(f"host id {value!r}: use {NAME_RULE}")
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str) -> str:
+        # The address ends up in known_hosts look-ups and log lines, never in a shell.
+        if not re.fullmatch(r"[A-Za-z0-9_.:%-]{1,253}", value):
+            raise ValueError(f"address {value!r}: use a host name or an IP address")
+        return value
+
+
+class StaticOptions(_Strict):
+    """The servers of a `static` stack, listed by address: no cloud API manages them, so
+    changeover neither creates nor destroys any (rebuild and rotate refuse)."""
+
+    hosts: list[StaticHost] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> StaticOptions:
+        ids: set[str] = set()
+        places: set[tuple[str, int]] = set()
+        for host in self.hosts:
+            if host.id in ids:
+                raise ValueError(f"host id {host.id!r} is listed twice")
+            if (host.address, host.port) in places:
+                raise ValueError(f"{host.address} port {host.port} is listed twice")
+            ids.add(host.id)
+            places.add((host.address, host.port))
+        return self
+
+
 class StackConfig(_Strict):
     """One stack: where it lives, its entry points, its roles, its defaults."""
 
@@ -305,9 +350,24 @@ class StackConfig(_Strict):
         default_factory=list, description="several entry points, each serving named roles"
     )
     libcloud: LibcloudOptions | None = None
+    static: StaticOptions | None = Field(
+        default=None, description="provider = 'static': the servers, listed by address"
+    )
     roles: dict[str, RoleConfig]
     defaults: StrategyDefaults = StrategyDefaults()
     hygiene: HygienePolicy = HygienePolicy()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _static_roles(cls, data: Any) -> Any:
+        # A static stack's roles are those its hosts name, unless declared (health checks).
+        if isinstance(data, dict) and data.get("provider") == "static" and "roles" not in data:
+            static = data.get("static")
+            hosts = static.get("hosts") if isinstance(static, dict) else None
+            if isinstance(hosts, list):
+                named = [h.get("role", "web") for h in hosts if isinstance(h, dict)]
+                data = {**data, "roles": {str(r): {"count": named.count(r)} for r in named}}
+        return data
 
     @field_validator("roles")
     @classmethod
@@ -325,9 +385,31 @@ class StackConfig(_Strict):
             raise ValueError("a stack needs at least one serving (non-data) role")
         if sum(1 for r in self.roles.values() if r.data) > 1:
             raise ValueError("at most one role may hold data")
-        if self.provider not in ("local", "aws") and not self.provider.startswith("libcloud"):
-            raise ValueError(f"unknown provider {self.provider!r} (local, aws, libcloud:<driver>)")
-        if (self.address is None) == (not self.addresses):
+        if self.provider not in ("local", "aws", "static") and not self.provider.startswith(
+            "libcloud"
+        ):
+            raise ValueError(
+                f"unknown provider {self.provider!r} (local, aws, libcloud:<driver>, static)"
+            )
+        if (self.provider == "static") != (self.static is not None):
+            raise ValueError(
+                "provider = 'static' needs [static] hosts = [...]"
+                if self.static is None
+                else "`static` hosts are for provider = 'static'"
+            )
+        if self.static is not None:
+            for host in self.static.hosts:
+                if host.role not in self.roles:
+                    raise ValueError(
+                        f"static host {host.id!r} names role {host.role!r}, not a role"
+                    )
+            # changeover moves no traffic to servers it cannot create: no entry points.
+            if self.address is not None or self.addresses:
+                raise ValueError(
+                    "a static stack has no entry points (changeover does not move traffic "
+                    "between servers it did not create): drop `address`/`addresses`"
+                )
+        elif (self.address is None) == (not self.addresses):
             raise ValueError(
                 "set `address` (one entry point) or `addresses` (several), not both"
                 if self.addresses
@@ -351,7 +433,7 @@ class StackConfig(_Strict):
         """The stack's entry points, each with its roles spelled out."""
         if self.address is not None:
             eps = [EntryPoint(address=self.address, type=self.address_type)]
-        else:
+        else:  # several, or none (a static stack)
             eps = self.addresses
         return [
             ep if ep.roles else ep.model_copy(update={"roles": self.serving_roles}) for ep in eps

@@ -659,6 +659,29 @@ class AwsProvider:
         except ValueError:
             return None
 
+    # --- in-place upgrades: not in this provider yet ----------------------------------------
+    def _no_upgrade(self) -> CapabilityError:
+        return CapabilityError(
+            self.name,
+            "in-place upgrades (`changeover upgrade`)",
+            "replace the servers instead: `changeover rotate` or `changeover rebuild`",
+        )
+
+    def ex_check_upgrades(self, stack: str) -> None:
+        """`plan upgrade` asks here first: refuse at plan time, before any drain."""
+        raise self._no_upgrade()
+
+    def upgrade_packages(
+        self, stack: str, server_id: str, *, security_only: bool, dist_upgrade: bool
+    ) -> dict[str, Any]:
+        raise self._no_upgrade()
+
+    def reboot_server(self, stack: str, server_id: str) -> None:
+        raise self._no_upgrade()
+
+    def boot_state(self, stack: str, server_id: str) -> dict[str, Any]:
+        raise self._no_upgrade()
+
     # --- address ---------------------------------------------------------------------------
     def _address_kind(self, address: str) -> Literal["elastic-ip", "target-group"]:
         kind = self.config.entry_point(address).type

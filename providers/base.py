@@ -27,6 +27,8 @@ MUTATING_OPS = frozenset(
         "data_final_sync",
         "data_switch",
         "data_switch_back",
+        "upgrade_packages",
+        "reboot_server",
     }
 )
 
@@ -92,6 +94,24 @@ class Provider(Protocol):
         TransientError while a server's keys cannot be pinned and no known_hosts file
         lists it. Never trusts on first use. A provider that does not reach its
         servers over SSH returns {}."""
+
+    # --- in-place upgrades (`changeover upgrade`) -----------------------------------------
+    def upgrade_packages(
+        self, stack: str, server_id: str, *, security_only: bool, dist_upgrade: bool
+    ) -> dict[str, Any]:
+        """Upgrade the server's packages in place, non-interactively, keeping its config
+        files: apt `upgrade` (or `dist-upgrade`), dnf `upgrade`; with `security_only`,
+        from the security origins alone. Idempotent: a second call upgrades nothing.
+        Returns {"upgraded": {name: {"from", "to"}}, "reboot_required": bool,
+        "reboot_required_pkgs": [...], "boot_id": the boot it ran in}."""
+
+    def reboot_server(self, stack: str, server_id: str) -> None:
+        """Reboot the server; return once its old boot has ended (it may not be back
+        yet: `boot_state` raises TransientError until it is)."""
+
+    def boot_state(self, stack: str, server_id: str) -> dict[str, Any]:
+        """Read-only: {"boot_id": changes on every boot, "reboot_required": bool,
+        "reboot_required_pkgs": [...]}. TransientError while the server is not up."""
 
     # --- address ---------------------------------------------------------------------
     def address_capacity(self, stack: str, address: str) -> int | None:

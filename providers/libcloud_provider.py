@@ -742,6 +742,29 @@ class LibcloudProvider:
         report.reasons += verdict.reasons
         return report
 
+    # --- in-place upgrades: not in this provider yet ----------------------------------------
+    def _no_upgrade(self) -> CapabilityError:
+        return CapabilityError(
+            self.name,
+            "in-place upgrades (`changeover upgrade`)",
+            "replace the servers instead: `changeover rotate` or `changeover rebuild`",
+        )
+
+    def ex_check_upgrades(self, stack: str) -> None:
+        """`plan upgrade` asks here first: refuse at plan time, before any drain."""
+        raise self._no_upgrade()
+
+    def upgrade_packages(
+        self, stack: str, server_id: str, *, security_only: bool, dist_upgrade: bool
+    ) -> dict[str, Any]:
+        raise self._no_upgrade()
+
+    def reboot_server(self, stack: str, server_id: str) -> None:
+        raise self._no_upgrade()
+
+    def boot_state(self, stack: str, server_id: str) -> dict[str, Any]:
+        raise self._no_upgrade()
+
     # --- SSH host keys (providers/hostkeys.py) ------------------------------------------
     def pin_host_keys(
         self, stack: str, servers: list[Server], known: dict[str, list[str]]

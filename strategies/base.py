@@ -71,6 +71,14 @@ def check_entry_points(provider: Provider, name: str, config: StackConfig) -> No
             )
 
 
+def check_replace(provider: Provider, name: str) -> None:
+    """rebuild and rotate create and destroy servers: a provider that cannot (static)
+    says so here, at plan time (CapabilityError, exit 2), before anything is read."""
+    check = getattr(provider, "ex_check_replace", None)
+    if callable(check):
+        check(name)
+
+
 def inspect_stack(provider: Provider, name: str, config: StackConfig) -> StackView:
     """Read the stack (one read per entry point, one listing) and check it is fit to change."""
     check_entry_points(provider, name, config)

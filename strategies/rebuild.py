@@ -10,7 +10,7 @@ from orchestrator.errors import PreconditionFailed
 from orchestrator.plan import Plan, Step
 from orchestrator.settings import StackConfig
 from providers.base import Provider
-from strategies.base import StackView, inspect_stack
+from strategies.base import StackView, check_replace, inspect_stack
 from strategies.steps import (
     Bake,
     CopyData,
@@ -36,6 +36,7 @@ def plan_rebuild(
     migrate_data: bool = True,
 ) -> Plan:
     """Compose the rebuild plan from the stack as it is now (read-only)."""
+    check_replace(provider, name)
     if config.data_role is not None and migrate_data:
         provider.check_data_moves(name)  # a capability error belongs at plan time (exit 2)
     view = inspect_stack(provider, name, config)

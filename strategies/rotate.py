@@ -14,7 +14,7 @@ from orchestrator.facts import judge_recorded, recorded_facts
 from orchestrator.plan import Plan, Step
 from orchestrator.settings import StackConfig
 from providers.base import Provider
-from strategies.base import inspect_stack
+from strategies.base import check_replace, inspect_stack
 from strategies.steps import (
     AddMembers,
     CreateServers,
@@ -48,6 +48,7 @@ def plan_rotate(
     `--dry-run`: only read calls, I8) it judges the facts the last audit or verification
     recorded in `state_dir`, stating their age; a server with none is listed under
     `needs_verification`, not selected, and a real run verifies it live."""
+    check_replace(provider, name)
     view = inspect_stack(provider, name, config)
     surge = max_surge or config.defaults.max_surge
     healthy_pct = config.defaults.min_healthy if min_healthy is None else min_healthy

@@ -15,7 +15,13 @@ boot plays cloud-init's ``package_upgrade`` + ``package_reboot_if_required``: ev
 package is raised to the index's version (except ``faults.hold_packages``), a package
 flagged ``reboot`` writes ``DIR/root/var/run/reboot-required{,.pkgs}``, and the simulated
 reboot clears ``/var/run`` (unless ``faults.keep_reboot_required``). Later starts of the
-same DIR are reboots of the same host: no upgrade, ``boot_count`` + 1, ``/var/run`` cleared.
+same DIR are reboots of the same host: no upgrade, ``boot_count`` + 1, ``/var/run`` cleared,
+and the server binds the port it had before when it is free (a host keeps its address).
+``POST /admin/upgrade`` is ``apt-get upgrade`` run later on a live host (``changeover
+upgrade``): it raises installed packages to the index's versions (``security_only``: only
+entries flagged ``security``; entries flagged ``kept_back`` need ``dist_upgrade``, as apt
+keeps back an upgrade that needs new dependencies), and a ``reboot`` entry it upgraded
+writes the reboot-required sentinels. The running kernel changes only at the next boot.
 
 The server is ready once ``DIR/port`` exists (written atomically after binding
 127.0.0.1:0). ``DIR/pid`` is written first thing. SIGTERM shuts it down cleanly.
@@ -29,6 +35,8 @@ token file refuses them all.
 every role
     ``GET /`` ``GET /health`` (503 with the health_fail fault) ``GET /facts``
     ``POST /admin/set-package {"name", "version"}`` (a manual change; null removes)
+    ``POST /admin/upgrade {"security_only": bool, "dist_upgrade": bool}`` -> ``{"upgraded":
+    {name: {"from", "to"}}, "kept_back", "reboot_required", "reboot_required_pkgs", "boot_id"}``
     ``POST /admin/fault {"health_fail": bool, "write_delay": seconds, "exit_after_commit":
     bool}`` (for tests: a db write waits ``write_delay`` once admitted, before it commits;
     ``exit_after_commit`` kills the process right after a write commits, unanswered)
@@ -328,6 +336,45 @@ class PackageState:
                 self.installed[name] = version
             _atomic_write_json(self.packages_path, self.installed)
             return dict(self.installed)
+
+    def upgrade(self, *, security_only: bool, dist_upgrade: bool) -> dict[str, Any]:
+        """Upgrade installed packages to the index's versions, as apt would on a live host.
+        Idempotent: a second call finds nothing newer."""
+        index = self.read_index()
+        upgraded: dict[str, dict[str, str]] = {}
+        kept_back: list[str] = []
+        needs_reboot: list[str] = []
+        with self._lock:
+            for name in sorted(self.installed):
+                entry = index.get(name)
+                if entry is None or name in self._config.hold_packages:
+                    continue
+                latest = str(entry.get("version", ""))
+                if version_key(latest) <= version_key(self.installed[name]):
+                    continue
+                if security_only and not entry.get("security"):
+                    continue
+                if entry.get("kept_back") and not dist_upgrade:
+                    kept_back.append(name)
+                    continue
+                upgraded[name] = {"from": self.installed[name], "to": latest}
+                self.installed[name] = latest
+                if entry.get("reboot"):
+                    needs_reboot.append(name)
+            _atomic_write_json(self.packages_path, self.installed)
+            if needs_reboot:
+                _, already = self.reboot_required()
+                pkgs = list(dict.fromkeys([*already, *needs_reboot]))
+                atomic_write_text(self.reboot_pkgs_path, "".join(f"{p}\n" for p in pkgs))
+                atomic_write_text(self.reboot_required_path, "*** System restart required ***\n")
+        required, pkgs = self.reboot_required()
+        return {
+            "upgraded": upgraded,
+            "kept_back": kept_back,
+            "reboot_required": required,
+            "reboot_required_pkgs": pkgs,
+            "boot_id": str(self.boot_count),
+        }
 
     def pending(self) -> list[dict[str, Any]]:
         """Installed packages for which the index has a newer version, read right now."""
@@ -704,6 +751,8 @@ class App:
             return self._set_package(req)
         if method == "POST" and path == "/admin/fault":
             return self._set_fault(req)
+        if method == "POST" and path == "/admin/upgrade":
+            return self._upgrade(req)
         if self.config.role == "web":
             if method == "POST" and path == "/items":
                 return self._web_post_item(req)
@@ -778,6 +827,18 @@ class App:
         if version is not None and not isinstance(version, str):
             raise HttpError(400, "'version' must be a string or null")
         return 200, {"installed": self.packages.set_package(name, version)}
+
+    def _upgrade(self, req: Request) -> tuple[int, dict[str, Any]]:
+        body = req.json()
+        flags = {k: body.get(k, False) for k in ("security_only", "dist_upgrade")}
+        for key, value in flags.items():
+            if not isinstance(value, bool):
+                raise HttpError(400, f"{key!r} must be a boolean")
+        result = self.packages.upgrade(
+            security_only=flags["security_only"], dist_upgrade=flags["dist_upgrade"]
+        )
+        _log(f"{self.config.id} upgraded {sorted(result['upgraded'])}")
+        return 200, result
 
     def _set_fault(self, req: Request) -> tuple[int, dict[str, Any]]:
         body = req.json()
@@ -982,9 +1043,9 @@ class AppHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, port: int = 0) -> None:
         self.app = app
-        super().__init__(("127.0.0.1", 0), AppRequestHandler)
+        super().__init__(("127.0.0.1", port), AppRequestHandler)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the FQDN of the address, which can stall on a
@@ -1098,6 +1159,16 @@ class AppRequestHandler(BaseHTTPRequestHandler):
 # ---------------------------------------------------------------------------------------
 
 
+def _bind(app: App, port: int) -> AppHTTPServer:
+    """Bind the port the host had before (a reboot keeps its address), else any port."""
+    if port:
+        try:
+            return AppHTTPServer(app, port)
+        except OSError:
+            _log(f"{app.config.id}: port {port} is taken; binding another")
+    return AppHTTPServer(app)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Boot the server rooted at ``--root`` and serve until SIGTERM."""
     parser = argparse.ArgumentParser(prog="providers.local.app", description=__doc__)
@@ -1105,6 +1176,12 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     root: Path = ns.root.resolve()
 
+    # A reboot keeps the host's port when it is still free (see _bind); the cloud moves
+    # the port file aside before the restart (cloud.reboot_server) so nobody reads it.
+    previous_port = 0
+    for name in ("port.prev", "port"):
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            previous_port = previous_port or int((root / name).read_text())
     # A stale port file from a previous boot would tell pollers we are up already.
     with contextlib.suppress(FileNotFoundError):
         (root / "port").unlink()
@@ -1132,7 +1209,7 @@ def main(argv: list[str] | None = None) -> int:
     if config.boot_delay > 0:
         time.sleep(config.boot_delay)
     app.boot()
-    server = AppHTTPServer(app)
+    server = _bind(app, previous_port)
     try:
         port = server.server_address[1]
         atomic_write_text(root / "port", f"{port}\n")

@@ -18,6 +18,7 @@ endpoint (see providers/local/http.py); only the path is on their command lines.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -347,6 +348,20 @@ class LocalCloud:
             kill_pid(row["pid"])
         self._db().execute("UPDATE servers SET destroyed=1 WHERE id=?", (server_id,))
         shutil.rmtree(row["root"], ignore_errors=True)
+
+    def reboot_server(self, server_id: str) -> int:
+        """A reboot: stop the server's process (SIGTERM, as systemd would), then start it
+        again on the same root, data dir and (when free) port. Its packages stay; /var/run
+        is cleared and the new kernel runs (providers/local/app.py). Returns the new pid."""
+        row = self.server_row(server_id)
+        if row is None or row["destroyed"]:
+            raise PreconditionFailed(f"server {server_id} does not exist")
+        if row["pid"]:
+            kill_pid(row["pid"])
+        # Down until the new boot writes its port: pollers must not see the old one.
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(Path(row["root"]) / "port", Path(row["root"]) / "port.prev")
+        return self.boot_server(server_id)
 
     def kill_server(self, server_id: str) -> None:
         """Fault: the server's process dies (it stays registered, now `stopped`)."""

@@ -206,6 +206,35 @@ class LocalProvider:
         (hygiene.transport = "ssh" here checks hygiene.ssh.known_hosts.)"""
         return {}
 
+    # --- in-place upgrades ---------------------------------------------------------------
+    def upgrade_packages(
+        self, stack: str, server_id: str, *, security_only: bool, dist_upgrade: bool
+    ) -> dict[str, Any]:
+        """The simulated `apt-get upgrade` on the live server (providers/local/app.py)."""
+        kind = ("security " if security_only else "") + (
+            "dist-upgrade" if dist_upgrade else "upgrade"
+        )
+        self._call("upgrade_packages", f"{server_id}:{kind}")
+        body = {"security_only": security_only, "dist_upgrade": dist_upgrade}
+        return self._data_request(stack, server_id, "POST", "/admin/upgrade", body)
+
+    def reboot_server(self, stack: str, server_id: str) -> None:
+        """Restart the server's process on the same root: a reboot of the same host."""
+        self._call("reboot_server", server_id)
+        server = self._owned(stack, server_id)
+        if server.state == "terminated":
+            raise ResourceGone(f"server {server_id} is terminated")
+        self.cloud.reboot_server(server_id)
+
+    def boot_state(self, stack: str, server_id: str) -> dict[str, Any]:
+        self._call("boot_state", server_id)
+        facts = self._data_request(stack, server_id, "GET", "/facts")
+        return {
+            "boot_id": str(facts.get("boot_count")),
+            "reboot_required": bool(facts.get("reboot_required")),
+            "reboot_required_pkgs": list(facts.get("reboot_required_pkgs") or []),
+        }
+
     # --- address ----------------------------------------------------------------------
     def _address(self, stack: str, address: str) -> Any:
         info = self.cloud.address(stack, address)

@@ -101,7 +101,8 @@ def test_a_command_past_its_timeout_is_not_run_again(sshd: Sshd, tmp_path: Path)
     count = tmp_path / "count"
     transport = SshTransport(options(sshd, attempts=3), sleep=lambda s: None)
     with pytest.raises(TransportUnavailable, match="did not finish"):
-        transport.run(SERVER, f"echo x >> {count}; sleep 3", timeout=0.5)
+        # 2 s, not less: on a loaded machine the session may take a second to start.
+        transport.run(SERVER, f"echo x >> {count}; sleep 6", timeout=2.0)
     assert count.read_text() == "x\n"
 
 
