@@ -17,7 +17,6 @@ A missing key file or a transport the provider lacks is bad input: exit 2 at onc
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from orchestrator.db import connect
 from orchestrator.errors import BadInput, CapabilityError, ChangeoverError, PreconditionFailed
-from orchestrator.facts import ago, record_facts
+from orchestrator.facts import ago, record_facts, verified_reports
 from orchestrator.hygiene import (
     ACTIONS,
     Action,
@@ -144,31 +143,20 @@ def load_baselines(conn: Any, stack: str, server_ids: Iterable[str]) -> dict[str
     """The newest run record of each server's components, read from the journal."""
     wanted = set(server_ids)
     found: dict[str, Baseline] = {}
-    rows = conn.execute(
-        "SELECT s.run_id, s.ended_at, s.outputs_json FROM steps s JOIN runs r ON r.id = s.run_id "
-        "WHERE r.stack=? AND s.name='VerifyServers' AND s.state='done' "
-        "ORDER BY s.ended_at DESC LIMIT ?",
-        (stack, BASELINE_RUNS),
-    )
-    for run_id, ended_at, outputs_json in rows:
+    for run_id, ended_at, server_id, report in verified_reports(conn, stack, BASELINE_RUNS):
         if not wanted - found.keys():
             break
-        try:
-            reports = json.loads(outputs_json or "{}").get("reports", {})
-        except ValueError:
+        if server_id not in wanted or server_id in found:
             continue
-        for server_id, report in reports.items():
-            if server_id not in wanted or server_id in found:
-                continue
-            facts = (report or {}).get("facts") or {}
-            if "components" not in facts:
-                continue  # recorded before facts carried components
-            found[server_id] = Baseline(
-                components={str(k): str(v) for k, v in facts["components"].items()},
-                probed=[str(p) for p in facts.get("probed", [])],
-                recorded_at=float(ended_at or 0.0),
-                run_id=str(run_id),
-            )
+        facts = report.get("facts") or {}
+        if "components" not in facts:
+            continue  # recorded before facts carried components
+        found[server_id] = Baseline(
+            components={str(k): str(v) for k, v in facts["components"].items()},
+            probed=[str(p) for p in facts.get("probed", [])],
+            recorded_at=ended_at,
+            run_id=run_id,
+        )
     return found
 
 

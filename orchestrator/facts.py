@@ -17,7 +17,7 @@ Two records are read, and the newer one wins:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -194,29 +194,36 @@ def _from_audits(conn: Any, stack: str, wanted: set[str]) -> dict[str, RecordedF
     return found
 
 
-def _from_runs(conn: Any, stack: str, wanted: set[str]) -> dict[str, RecordedFacts]:
-    found: dict[str, RecordedFacts] = {}
+def verified_reports(
+    conn: Any, stack: str, limit: int
+) -> Iterator[tuple[str, float, str, dict[str, Any]]]:
+    """(run id, recorded at, server id, gate report) of the stack's finished
+    VerifyServers steps, newest first, scanning at most `limit` steps."""
     rows = conn.execute(
         "SELECT s.run_id, s.ended_at, s.outputs_json FROM steps s JOIN runs r ON r.id = s.run_id "
         "WHERE r.stack=? AND s.name='VerifyServers' AND s.state='done' "
         "ORDER BY s.ended_at DESC LIMIT ?",
-        (stack, SCAN_STEPS),
+        (stack, limit),
     )
     for run_id, ended_at, outputs_json in rows:
-        if not wanted - found.keys():
-            break
         try:
             reports = json.loads(outputs_json or "{}").get("reports", {})
         except (AttributeError, ValueError):
             continue
         for server_id, report in reports.items():
-            if server_id not in wanted or server_id in found:
-                continue
-            facts = facts_from_dict((report or {}).get("facts"))
-            if facts is not None:
-                found[server_id] = RecordedFacts(
-                    server_id, facts, float(ended_at or 0.0), "run", str(run_id)
-                )
+            yield str(run_id), float(ended_at or 0.0), str(server_id), report or {}
+
+
+def _from_runs(conn: Any, stack: str, wanted: set[str]) -> dict[str, RecordedFacts]:
+    found: dict[str, RecordedFacts] = {}
+    for run_id, ended_at, server_id, report in verified_reports(conn, stack, SCAN_STEPS):
+        if not wanted - found.keys():
+            break
+        if server_id not in wanted or server_id in found:
+            continue
+        facts = facts_from_dict(report.get("facts"))
+        if facts is not None:
+            found[server_id] = RecordedFacts(server_id, facts, ended_at, "run", run_id)
     return found
 
 

@@ -66,6 +66,7 @@ from orchestrator.models import (
     ServerState,
 )
 from orchestrator.settings import HealthCheck, HygienePolicy, RoleConfig, StackConfig
+from providers.base import NoInPlaceUpgrades
 from providers.cloudinit import READY_FILE, first_boot_user_data
 from providers.hostkeys import HostKeyPins, ssh_transport
 from providers.transport import CommandResult, Transport, TransportUnavailable
@@ -243,7 +244,7 @@ class SsmTransport:
             p.sleep(SSM_POLL)
 
 
-class AwsProvider:
+class AwsProvider(NoInPlaceUpgrades):
     """Provider for stacks on AWS."""
 
     name = "aws"
@@ -658,29 +659,6 @@ class AwsProvider:
             return base64.b64decode(encoded).decode(errors="replace")
         except ValueError:
             return None
-
-    # --- in-place upgrades: not in this provider yet ----------------------------------------
-    def _no_upgrade(self) -> CapabilityError:
-        return CapabilityError(
-            self.name,
-            "in-place upgrades (`changeover upgrade`)",
-            "replace the servers instead: `changeover rotate` or `changeover rebuild`",
-        )
-
-    def ex_check_upgrades(self, stack: str) -> None:
-        """`plan upgrade` asks here first: refuse at plan time, before any drain."""
-        raise self._no_upgrade()
-
-    def upgrade_packages(
-        self, stack: str, server_id: str, *, security_only: bool, dist_upgrade: bool
-    ) -> dict[str, Any]:
-        raise self._no_upgrade()
-
-    def reboot_server(self, stack: str, server_id: str) -> None:
-        raise self._no_upgrade()
-
-    def boot_state(self, stack: str, server_id: str) -> dict[str, Any]:
-        raise self._no_upgrade()
 
     # --- address ---------------------------------------------------------------------------
     def _address_kind(self, address: str) -> Literal["elastic-ip", "target-group"]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Protocol, runtime_checkable
 
+from orchestrator.errors import CapabilityError
 from orchestrator.models import DataSummary, HealthReport, Server
 from orchestrator.settings import HealthCheck, HygienePolicy
 
@@ -170,3 +171,32 @@ class Provider(Protocol):
     def data_switch_back(self, stack: str, src_id: str, dst_id: str) -> dict[str, Any]:
         """Undo data_switch: bring back to the source every write the destination
         acknowledged, then let the source take writes itself again."""
+
+
+class NoInPlaceUpgrades:
+    """For providers that replace servers but cannot upgrade them in place (yet): every
+    upgrade call refuses with a CapabilityError, and `plan upgrade` asks first."""
+
+    name: str
+
+    def _no_upgrade(self) -> CapabilityError:
+        return CapabilityError(
+            self.name,
+            "in-place upgrades (`changeover upgrade`)",
+            "replace the servers instead: `changeover rotate` or `changeover rebuild`",
+        )
+
+    def ex_check_upgrades(self, stack: str) -> None:
+        """`plan upgrade` asks here first: refuse at plan time, before any drain."""
+        raise self._no_upgrade()
+
+    def upgrade_packages(
+        self, stack: str, server_id: str, *, security_only: bool, dist_upgrade: bool
+    ) -> dict[str, Any]:
+        raise self._no_upgrade()
+
+    def reboot_server(self, stack: str, server_id: str) -> None:
+        raise self._no_upgrade()
+
+    def boot_state(self, stack: str, server_id: str) -> dict[str, Any]:
+        raise self._no_upgrade()

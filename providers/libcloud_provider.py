@@ -58,7 +58,7 @@ from orchestrator.models import (
 )
 from orchestrator.redact import register_secret
 from orchestrator.settings import HealthCheck, HygienePolicy, LibcloudOptions, StackConfig
-from providers.base import Provider
+from providers.base import NoInPlaceUpgrades, Provider
 from providers.cloudinit import first_boot_user_data
 from providers.hostkeys import HostKeyPins
 from providers.libcloud_addresses import (
@@ -414,7 +414,7 @@ def user_data(links: dict[str, dict[str, str | None]], extra: str | None) -> str
 
 
 # --- the provider ------------------------------------------------------------------------
-class LibcloudProvider:
+class LibcloudProvider(NoInPlaceUpgrades):
     """Provider for a stack on one libcloud compute driver."""
 
     def __init__(
@@ -741,29 +741,6 @@ class LibcloudProvider:
         report.hygiene_ok = verdict.ok
         report.reasons += verdict.reasons
         return report
-
-    # --- in-place upgrades: not in this provider yet ----------------------------------------
-    def _no_upgrade(self) -> CapabilityError:
-        return CapabilityError(
-            self.name,
-            "in-place upgrades (`changeover upgrade`)",
-            "replace the servers instead: `changeover rotate` or `changeover rebuild`",
-        )
-
-    def ex_check_upgrades(self, stack: str) -> None:
-        """`plan upgrade` asks here first: refuse at plan time, before any drain."""
-        raise self._no_upgrade()
-
-    def upgrade_packages(
-        self, stack: str, server_id: str, *, security_only: bool, dist_upgrade: bool
-    ) -> dict[str, Any]:
-        raise self._no_upgrade()
-
-    def reboot_server(self, stack: str, server_id: str) -> None:
-        raise self._no_upgrade()
-
-    def boot_state(self, stack: str, server_id: str) -> dict[str, Any]:
-        raise self._no_upgrade()
 
     # --- SSH host keys (providers/hostkeys.py) ------------------------------------------
     def pin_host_keys(
