@@ -486,20 +486,37 @@ def stack_recommendation(
         return Recommendation(
             "patch", f"{reason}; a static stack's servers cannot be replaced, so upgrade them"
         ), f"changeover upgrade {stack}{only}"
+    if worst != "replace" and not upgrades_in_place(config):
+        # aws and libcloud servers are not upgraded in place (`upgrade` refuses them):
+        # a fresh server is upgraded at boot, so replacing is how they are patched.
+        worst_reason = f"{reason}; {config.provider} servers are patched by replacing them"
+        return Recommendation(worst, worst_reason), _replace_command(
+            stack, config, picked, all_serving=True
+        )
     if worst == "replace":
-        serving_roles = set(config.serving_roles)
-        # rotate --only-if-needed selects exactly the serving servers failing the gate.
-        gate_only = all(
-            a.server.role in serving_roles and a.verdict is not None and not a.verdict.ok
-            for a in picked
-        )
-        command = (
-            f"changeover rotate {stack} --only-if-needed"
-            if gate_only
-            else f"changeover rebuild {stack}"
-        )
-        return Recommendation("replace", reason), command
+        return Recommendation("replace", reason), _replace_command(stack, config, picked)
     return Recommendation(worst, reason), f"changeover upgrade {stack}"
+
+
+def upgrades_in_place(config: StackConfig) -> bool:
+    """Does `changeover upgrade` work on this stack's provider (local, static)?"""
+    return config.provider in ("local", "static")
+
+
+def _replace_command(
+    stack: str, config: StackConfig, picked: list[ServerAudit], *, all_serving: bool = False
+) -> str:
+    """rotate --only-if-needed when only serving servers failing the gate need it, else
+    (`all_serving`) a rotate of every serving server when only serving servers need it,
+    else rebuild (the data role is replaced only by a rebuild)."""
+    serving_roles = set(config.serving_roles)
+    serving_only = all(a.server.role in serving_roles for a in picked)
+    # rotate --only-if-needed selects exactly the serving servers failing the gate.
+    if serving_only and all(a.verdict is not None and not a.verdict.ok for a in picked):
+        return f"changeover rotate {stack} --only-if-needed"
+    if serving_only and all_serving:
+        return f"changeover rotate {stack}"
+    return f"changeover rebuild {stack}"
 
 
 def audit_stack(

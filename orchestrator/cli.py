@@ -151,8 +151,25 @@ def make_provider(settings: Settings, name: str, config: StackConfig) -> Provide
 
 
 def _engine(settings: Settings, provider: Provider, config: StackConfig) -> Engine:
+    import time
+
     from orchestrator.engine import Engine
 
+    sink = _progress_sink(settings.output)
+    window_clock: Any = time.time
+    if settings.test_clock:  # testing hook: a campaign across windows without waiting
+        from orchestrator.windows import SteppedClock
+
+        stepped = window_clock = SteppedClock(settings.test_clock)
+        show = sink
+
+        def stepping(kind: str, payload: dict[str, Any]) -> None:
+            if kind == "step_done":
+                stepped.step_ended()
+            if show is not None:
+                show(kind, payload)
+
+        sink = stepping
     return Engine(
         state_dir=settings.state_path,
         provider=provider,
@@ -161,36 +178,18 @@ def _engine(settings: Settings, provider: Provider, config: StackConfig) -> Engi
         crash_after_step=settings.crash_after_step,
         crash_after_call=settings.crash_after_call,
         crash_before_call=settings.crash_before_call,
-        on_event=_progress_sink(),
+        on_event=sink,
+        window_clock=window_clock,
     )
 
 
-def _progress_sink() -> Any:
-    """Rich progress on a terminal; nothing extra otherwise (the logs say it all)."""
-    if not sys.stderr.isatty():
-        return None
-    from rich.console import Console
+def _progress_sink(output: str | None) -> Any:
+    """Rich progress on stderr when it is a terminal and the output is not JSON: a line
+    per step and a live line while one waits (orchestrator/progress.py). Otherwise none:
+    stdout holds only the result, and the logs say it all."""
+    from orchestrator.progress import sink_for
 
-    from orchestrator.redact import redact_text
-
-    console = Console(stderr=True)
-
-    def sink(kind: str, p: dict[str, Any]) -> None:
-        if kind == "step_started":
-            console.print(f"[bold cyan]→[/] [{p['index'] + 1}/{p['total']}] {p['step']}")
-        elif kind == "step_done":
-            note = f" [dim](no-op: {p['noop']})[/]" if p.get("noop") else ""
-            console.print(f"[green]✓[/] {p['step']}{note}")
-        elif kind == "step_failed":
-            console.print(f"[red]✗[/] {p['step']}: {redact_text(str(p['error']))}")
-        elif kind == "rollback_started":
-            console.print(f"[yellow]↺ rolling back[/]: {redact_text(str(p['cause']))}")
-        elif kind == "undo_done":
-            console.print(f"[yellow]↺[/] undid {p['step']}")
-        elif kind == "retry":
-            console.print(f"[dim]  retrying {p['step']} (attempt {p['attempt']})[/]")
-
-    return sink
+    return sink_for(output)
 
 
 Table = tuple[str, list[str], list[list[Any]]]  # title, columns, rows
@@ -260,14 +259,16 @@ def _print_result(settings: Settings, result: RunResult) -> None:
         f"run {s['run_id']}: {s['strategy']} {s['stack']} -> {s['outcome'].upper()}",
         f"  generation: {s['generation']['before']} -> {s['generation']['after']}",
         f"  address {s['address']['name']}: {', '.join(s['address']['before'])} -> "
-        f"{', '.join(s['address']['after'])}",
+        f"{', '.join(s['address']['after'])}"
+        if s["address"]["name"]
+        else "  address: none (no entry point)",
         f"  servers created: {len(s['servers']['created'])}, destroyed: "
         f"{len(s['servers']['destroyed'])}",
         "  provider calls: " + ", ".join(f"{k}={v}" for k, v in s["api_calls"].items()),
     ]
     if result.outcome.value not in ("succeeded", "noop"):
         lines.append(f"  {result.message}")
-        lines.append(f"  next: {_NEXT[result.outcome.value].format(run=s['run_id'])}")
+        lines.append(f"  next: {_NEXT[result.outcome.value].format(run=s['run_id'], **s)}")
     if "resources" in s:
         lines.append("  resources now:")
         lines.append("    " + json.dumps(s["resources"], indent=2).replace("\n", "\n    "))
@@ -287,7 +288,15 @@ _NEXT = {
     "rolled_back": "the old stack is serving as before; fix the cause, then run again",
     "dirty": "an operator is needed: `changeover status {run}` lists each resource's state",
     "precondition_failed": "nothing was touched; fix the precondition, then run again",
+    "paused": "every server serves; run the same command again at {next_window} to continue",
 }
+
+
+def _note(settings: Settings, text: str) -> None:
+    """One line for the operator on stderr (stdout stays the result)."""
+    from orchestrator.redact import redact_text
+
+    sys.stderr.write(redact_text(text) + "\n")
 
 
 def _holder_alive(pid: int, host: str) -> bool:
@@ -310,7 +319,14 @@ def _confirm(settings: Settings, plan: Plan, yes: bool) -> None:
         raise typer.Exit(2)
 
 
-def _execute(settings: Settings, name: str, build: Any, yes: bool, dry_run: bool) -> int:
+def _execute(
+    settings: Settings,
+    name: str,
+    build: Any,
+    yes: bool,
+    dry_run: bool,
+    campaign: str | None = None,
+) -> int:
     from orchestrator.engine import RunResult
     from orchestrator.plan import Outcome
 
@@ -318,6 +334,17 @@ def _execute(settings: Settings, name: str, build: Any, yes: bool, dry_run: bool
     provider = make_provider(settings, name, config)
     engine = _engine(settings, provider, config)
     try:
+        if not dry_run and campaign and (paused := engine.paused_campaign(name, campaign)):
+            # The same command again (a cron job) continues the paused campaign, with the
+            # options it started with; its window gate decides whether it runs now.
+            _note(
+                settings,
+                f"continuing the paused {campaign} campaign {paused.id} on {name} "
+                "(with the options it started with)",
+            )
+            result = engine.resume(paused.id)
+            _print_result(settings, result)
+            return result.exit_code
         if not dry_run:
             # A busy stack answers "locked" (4) before its servers are even inspected.
             engine.ensure_free(name)
@@ -423,6 +450,15 @@ StrategyArg = Annotated[str, typer.Argument(help="rebuild | rotate | upgrade", m
 RebootOpt = Annotated[
     str, typer.Option(help="auto (when reboot-required says so) | never | always")
 ]
+WindowOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--window",
+        help="maintenance window, like 'Sat,Sun 02:00-05:00 Europe/Berlin' (repeatable); "
+        "a batch starts only if it fits, else the campaign pauses",
+        metavar="SPEC",
+    ),
+]
 
 
 @app.command()
@@ -441,6 +477,7 @@ def plan(
     security_only: bool = False,
     dist_upgrade: bool = False,
     reboot: RebootOpt = "auto",
+    window: WindowOpt = None,
 ) -> None:
     """The steps a run would take. Makes no mutating call."""
     settings = _state(ctx).settings
@@ -457,6 +494,7 @@ def plan(
         security_only=security_only,
         dist_upgrade=dist_upgrade,
         reboot=reboot,
+        window=window,
         live=False,  # a plan makes only read calls (I8): it decides from recorded facts
         state_dir=settings.state_path,
     )
@@ -481,31 +519,53 @@ def _builder(strategy: str, **o: Any) -> Any:
         from strategies.rotate import plan_rotate
 
         older = parse_duration(o["older_than"]) if o.get("older_than") else None
-        return lambda p, n, c: plan_rotate(
-            p,
-            n,
-            c,
-            max_surge=o["max_surge"],
-            min_healthy=o["min_healthy"],
-            older_than=older,
-            only_if_needed=o["only_if_needed"],
-            live=o.get("live", False),
-            state_dir=o.get("state_dir"),
+        return _campaign(
+            o,
+            lambda p, n, c: plan_rotate(
+                p,
+                n,
+                c,
+                max_surge=o["max_surge"],
+                min_healthy=o["min_healthy"],
+                older_than=older,
+                only_if_needed=o["only_if_needed"],
+                live=o.get("live", False),
+                state_dir=o.get("state_dir"),
+            ),
         )
     if strategy == "upgrade":
         from strategies.upgrade import plan_upgrade
 
-        return lambda p, n, c: plan_upgrade(
-            p,
-            n,
-            c,
-            batch=o.get("batch"),
-            security_only=o.get("security_only", False),
-            dist_upgrade=o.get("dist_upgrade", False),
-            reboot=o.get("reboot", "auto"),
-            min_healthy=o.get("min_healthy"),
+        return _campaign(
+            o,
+            lambda p, n, c: plan_upgrade(
+                p,
+                n,
+                c,
+                batch=o.get("batch"),
+                security_only=o.get("security_only", False),
+                dist_upgrade=o.get("dist_upgrade", False),
+                reboot=o.get("reboot", "auto"),
+                min_healthy=o.get("min_healthy"),
+            ),
         )
     raise BadInput(f"unknown strategy {strategy!r} (rebuild, rotate, upgrade)")
+
+
+def _campaign(o: dict[str, Any], build: Any) -> Any:
+    """A rotate or upgrade plan with its maintenance windows (`--window` or the stack's
+    `[windows] open`): a window gate before each batch."""
+    from orchestrator.windows import Schedule
+    from strategies.window import windowed
+
+    if o.get("window"):
+        Schedule.parse(o["window"])  # bad input before the stack is even inspected
+
+    def plan(p: Provider, n: str, c: StackConfig) -> Plan:
+        windows = list(o.get("window") or c.windows.open)
+        return windowed(build(p, n, c), windows, c.windows.batch_estimate)
+
+    return plan
 
 
 @app.command()
@@ -540,6 +600,7 @@ def rotate(
     only_if_needed: Annotated[
         bool, typer.Option(help="also servers failing hygiene; no-op if none")
     ] = False,
+    window: WindowOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
     dry_run: Annotated[bool, typer.Option(help="print the plan; change nothing")] = False,
 ) -> None:
@@ -554,8 +615,9 @@ def rotate(
         # A real run may ask the servers (SSM on aws); --dry-run only reads (I8).
         live=not dry_run,
         state_dir=settings.state_path,
+        window=window,
     )
-    raise typer.Exit(_execute(settings, stack, builder, yes, dry_run))
+    raise typer.Exit(_execute(settings, stack, builder, yes, dry_run, campaign="rotate"))
 
 
 @app.command()
@@ -571,6 +633,7 @@ def upgrade(
     batch: Annotated[int | None, typer.Option(min=1, help="servers out at a time")] = None,
     reboot: RebootOpt = "auto",
     min_healthy: Annotated[int | None, typer.Option(min=0, max=100, help="percent serving")] = None,
+    window: WindowOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
     dry_run: Annotated[bool, typer.Option(help="print the plan; change nothing")] = False,
 ) -> None:
@@ -584,8 +647,9 @@ def upgrade(
         dist_upgrade=dist_upgrade,
         reboot=reboot,
         min_healthy=min_healthy,
+        window=window,
     )
-    raise typer.Exit(_execute(settings, stack, builder, yes, dry_run))
+    raise typer.Exit(_execute(settings, stack, builder, yes, dry_run, campaign="upgrade"))
 
 
 def _run_engine_for(settings: Settings, run_id: str) -> tuple[Engine, str]:
@@ -687,6 +751,9 @@ def status(ctx: typer.Context, run_id: Annotated[str | None, typer.Argument()] =
         "rolling_back": f"rollback interrupted: `changeover resume {rec.id}` finishes it",
         "dirty": "an operator is needed: fix the failed undo below, then "
         f"`changeover rollback {rec.id}`",
+        "paused": f"a paused campaign, every server serving: the next window opens "
+        f"{rec.result.get('next_window')}; `changeover {rec.strategy} {rec.stack}` continues "
+        f"it then (a cron job can), `changeover rollback {rec.id}` ends it where it is",
     }.get(rec.status, "")
     if barrier is not None and not alive:
         from orchestrator.plan import Step
@@ -721,8 +788,8 @@ def status(ctx: typer.Context, run_id: Annotated[str | None, typer.Argument()] =
         "result": rec.result,
     }
     lines = [f"run {rec.id}: {rec.strategy} {rec.stack} [{rec.status}]"]
-    if rec.error:
-        lines.append(f"  reason: {rec.error}")
+    if rec.error or rec.status == "paused":
+        lines.append(f"  reason: {rec.error or rec.result.get('message')}")
     for s in steps:
         extra = f" undo={s.undo_state}" if s.undo_state else ""
         extra += f" ({s.noop})" if s.noop else ""

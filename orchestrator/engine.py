@@ -37,6 +37,7 @@ from orchestrator.errors import (
     ChangeoverError,
     FencedError,
     LockedError,
+    Paused,
     PreconditionFailed,
 )
 from orchestrator.guard import MutationGuard
@@ -122,6 +123,7 @@ class Engine:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.time,
         on_event: EventSink | None = None,
+        window_clock: Callable[[], float] = time.time,
     ) -> None:
         self.state_dir = state_dir
         self.lock_ttl = lock_ttl
@@ -146,6 +148,8 @@ class Engine:
         self._crossed = False
         self.sleep = sleep
         self.clock = clock
+        self.window_clock = window_clock  # what maintenance-window gates read
+        self.session = uuid.uuid4().hex[:12]
         self.on_event = on_event or (lambda _k, _p: None)
         self._steps_done_here = 0
         self._last_beat = 0.0
@@ -159,13 +163,32 @@ class Engine:
         """Raise LockedError if a live lease or an unfinished run holds the stack."""
         self.lock.ensure_free(stack)
         for other in self.journal.unfinished(stack):
-            raise LockedError(stack, other.id, self._lease_left(stack))
+            raise self._held_by(stack, other)
+
+    def paused_campaign(self, stack: str, strategy: str) -> RunRecord | None:
+        """The stack's paused campaign of this strategy, which the same command continues."""
+        for rec in self.journal.unfinished(stack):
+            if rec.status == "paused" and rec.strategy == strategy:
+                return rec
+        return None
+
+    def _held_by(self, stack: str, other: RunRecord) -> LockedError:
+        if other.status != "paused":
+            return LockedError(stack, other.id, self._lease_left(stack))
+        return LockedError(
+            stack,
+            other.id,
+            0,
+            detail=f"a paused {other.strategy} campaign",
+            advice=f"`changeover {other.strategy} {stack}` continues it in its window, "
+            f"`changeover rollback {other.id}` ends it",
+        )
 
     def start(self, plan: Plan, run_id: str | None = None) -> RunResult:
         """Start a new run of `plan`. Raises LockedError if the stack is busy."""
         run_id = run_id or new_run_id()
         for other in self.journal.unfinished(plan.stack):
-            raise LockedError(plan.stack, other.id, self._lease_left(plan.stack))
+            raise self._held_by(plan.stack, other)
         lease = self.lock.acquire(plan.stack, run_id)
         get_logger(run=run_id).info(events.LOCK_ACQUIRED, stack_name=plan.stack, token=lease.token)
         self.journal.create_run(run_id, plan.to_dict(), lease)
@@ -248,6 +271,8 @@ class Engine:
             clock=self.clock,
             sleep=self.sleep,
             heartbeat=heartbeat,
+            now=self.window_clock,
+            session=self.session,
         )
 
     def _attempt(self, step: Step, ctx: RunContext, fn: Callable[[], StepResult | None]) -> Any:
@@ -255,10 +280,14 @@ class Engine:
 
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
-            ctx.log.warning(
-                events.STEP_RETRY, step=step.key, attempt=state.attempt_number, error=str(exc)
+            # A TransientError that left one of the step's waits is a poll of what it
+            # waits for (the wait's progress says so), not a retry after an error.
+            polling = ctx.waits.polled(exc)
+            log = ctx.log.debug if polling else ctx.log.warning
+            log(events.STEP_RETRY, step=step.key, attempt=state.attempt_number, error=str(exc))
+            self.on_event(
+                "retry", {"step": step.key, "attempt": state.attempt_number, "polling": polling}
             )
-            self.on_event("retry", {"step": step.key, "attempt": state.attempt_number})
 
         retrying = Retrying(
             stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.deadline),
@@ -281,7 +310,14 @@ class Engine:
             return fn()
 
         self._tries = 0
-        return retrying(call)
+        ctx.waits.start(step.key, self.on_event)
+        ok = False
+        try:
+            result = retrying(call)
+            ok = True
+            return result
+        finally:
+            ctx.waits.stop(ok=ok)  # a poll's wait still open ends with the step's attempts
 
     def _held(self, run_id: str, lease: Lease, body: Callable[[], RunResult]) -> RunResult:
         """Run `body` holding `lease`: renewed by a heartbeat, checked before every
@@ -344,10 +380,27 @@ class Engine:
             self._doing = (run_id, idx, step)
             self._crossed = records[idx].outputs.get("point_of_no_return") is not None
             ctx.first_attempt = records[idx].state == "pending"
+            ctx.marks = dict(records[idx].outputs)
             try:
                 result: StepResult = self._attempt(step, ctx, step_call(step.do, ctx))
             except FencedError:
                 raise
+            except Paused as exc:
+                # A campaign's window closes before this batch would end: nothing of the
+                # batch has begun. The run waits, holding its stack, for the same command.
+                self._doing = None
+                self.journal.step_paused(run_id, idx, lease, exc.marks)
+                self.journal.event(run_id, lease, "paused", step=step.key, detail=exc.next_window)
+                ctx.log.info(events.RUN_PAUSED, step=step.key, next_window=exc.next_window)
+                self.on_event("paused", {"step": step.key, "next_window": exc.next_window})
+                return self._finish(
+                    run_id,
+                    plan,
+                    lease,
+                    Outcome.PAUSED,
+                    str(exc),
+                    extra={"next_window": exc.next_window, "window": exc.window},
+                )
             except Exception as exc:
                 self._doing = None
                 reason = _reason(exc)
@@ -440,9 +493,17 @@ class Engine:
 
     # --- the end ---------------------------------------------------------------------------
     def _finish(
-        self, run_id: str, plan: Plan, lease: Lease, outcome: Outcome, message: str
+        self,
+        run_id: str,
+        plan: Plan,
+        lease: Lease,
+        outcome: Outcome,
+        message: str,
+        *,
+        extra: dict[str, Any] | None = None,
     ) -> RunResult:
         summary = self.summarize(run_id, plan, outcome)
+        summary.update(extra or {})
         if outcome == Outcome.DIRTY:
             summary["resources"] = self.resource_report(plan, run_id)
             get_logger(run=run_id).error(events.RUN_DIRTY, message=message)
@@ -453,7 +514,7 @@ class Engine:
             lease,
             outcome=outcome.value,
             result=summary,
-            error=None if outcome == Outcome.SUCCEEDED else message,
+            error=None if outcome in (Outcome.SUCCEEDED, Outcome.PAUSED) else message,
         )
         self.journal.event(run_id, lease, "finished", detail=outcome.value)
         self.lock.release(lease)

@@ -8,6 +8,8 @@
     ├── LockedError           exit 4: another run holds the stack's lease
     ├── FencedError           our lease was taken over; stop at once, touch nothing more
     ├── TransientError        retried by the engine under the step's retry policy
+    ├── Paused                a campaign's window closes before its next batch: exit 0,
+    │                         the run waits (paused) for the same command in its window
     ├── StepFailed            a step gave up: the engine rolls the run back (exit 1)
     │   ├── ResourceGone      a server stopped or terminated, a resource gone: never retried
     │   ├── VerificationFailed
@@ -59,18 +61,39 @@ class LockedError(ChangeoverError):
 
     exit_code = 4
 
-    def __init__(self, stack: str, holder_run: str, expires_in: float, detail: str = "") -> None:
+    def __init__(
+        self,
+        stack: str,
+        holder_run: str,
+        expires_in: float,
+        detail: str = "",
+        advice: str | None = None,
+    ) -> None:
         self.stack = stack
         self.holder_run = holder_run
         why = detail or f"lease expires in {max(expires_in, 0):.0f}s"
-        super().__init__(
-            f"stack {stack!r} is locked by run {holder_run} ({why}); wait, or "
-            f"`changeover unlock {stack} --force` if that run is dead"
-        )
+        advice = advice or (f"wait, or `changeover unlock {stack} --force` if that run is dead")
+        super().__init__(f"stack {stack!r} is locked by run {holder_run} ({why}); {advice}")
 
 
 class FencedError(ChangeoverError):
     """Our lease was broken or taken over; a newer holder owns the stack."""
+
+
+class Paused(ChangeoverError):
+    """A campaign stops cleanly before a batch: the maintenance window closes before the
+    batch would end. Not a failure: the run is left `paused`, and the same command run
+    again in the next window continues it."""
+
+    exit_code = 0
+
+    def __init__(
+        self, message: str, *, next_window: str, window: str, marks: dict[str, object]
+    ) -> None:
+        super().__init__(message)
+        self.next_window = next_window  # ISO 8601, in the window's time zone
+        self.window = window  # the spec of the window that opens next
+        self.marks = marks  # what the step measured, journaled for its next attempt
 
 
 class TransientError(ChangeoverError):

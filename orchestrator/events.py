@@ -5,6 +5,7 @@ from __future__ import annotations
 RUN_STARTED = "run.started"
 RUN_FINISHED = "run.finished"
 RUN_RESUMED = "run.resumed"
+RUN_PAUSED = "run.paused"  # a campaign stopped before a batch: its window closes first
 RUN_ROLLBACK_STARTED = "run.rollback.started"
 RUN_ROLLBACK_FINISHED = "run.rollback.finished"
 RUN_DIRTY = "run.dirty"

@@ -17,7 +17,8 @@ from orchestrator.lock import Lease, LeaseLock
 from orchestrator.redact import redact, redact_text
 
 # A dirty run still holds its stack: an operator fixes the cause and rolls it back again.
-UNFINISHED = ("running", "rolling_back", "dirty")
+# A paused campaign holds it too, until the same command continues it in its next window.
+UNFINISHED = ("running", "rolling_back", "dirty", "paused")
 
 
 @dataclass
@@ -77,7 +78,8 @@ class RunEvent:
 
 # resumed / rollback_requested: a new process took the run over (detail: the status it
 # found); rollback_started (detail: the cause); undo_started / undo_done / undo_failed
-# (step: the step undone); finished (detail: the outcome).
+# (step: the step undone); paused (step: the window gate; detail: the next window);
+# finished (detail: the outcome).
 EVENT_KINDS = (
     "resumed",
     "rollback_requested",
@@ -85,6 +87,7 @@ EVENT_KINDS = (
     "undo_started",
     "undo_done",
     "undo_failed",
+    "paused",
     "finished",
 )
 
@@ -172,6 +175,16 @@ class Journal:
             lease,
             "UPDATE steps SET outputs_json=? WHERE run_id=? AND idx=? AND state='started'",
             (_dumps(marker), run_id, idx),
+        )
+
+    def step_paused(self, run_id: str, idx: int, lease: Lease, marks: dict[str, Any]) -> None:
+        """A window gate stopped the campaign before its batch: the step is pending again
+        (not begun), keeping what it measured for its next attempt."""
+        self._fenced(
+            lease,
+            "UPDATE steps SET state='pending', started_at=NULL, ended_at=NULL, "
+            "outputs_json=?, attempts=attempts+1 WHERE run_id=? AND idx=?",
+            (_dumps(marks), run_id, idx),
         )
 
     def step_done(

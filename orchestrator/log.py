@@ -11,7 +11,7 @@ import sys
 import traceback
 from collections.abc import MutableMapping
 from types import TracebackType
-from typing import Any
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -48,6 +48,17 @@ def _excepthook(kind: type[BaseException], exc: BaseException, tb: TracebackType
     sys.stderr.write(redact_text("".join(traceback.format_exception(kind, exc, tb))))
 
 
+class _Stderr:
+    """Whatever sys.stderr is when a line is written: while a live progress line shows
+    (orchestrator/progress.py) that is rich's proxy, which prints log lines above it."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure(log_format: str = "console", verbose: int = 0) -> None:
     """Route structlog to stderr in the chosen format. Called once, by the CLI. Also
     registers the credential values of the environment for masking, and redacts
@@ -67,7 +78,7 @@ def configure(log_format: str = "console", verbose: int = 0) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _Stderr())),
         cache_logger_on_first_use=False,
     )
     handlers = [*logging.getLogger().handlers, logging.lastResort]

@@ -12,10 +12,12 @@ import enum
 import importlib
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from orchestrator.errors import TransientError
+from orchestrator.waits import Wait, Waits
 
 if TYPE_CHECKING:
     from orchestrator.settings import StackConfig
@@ -32,6 +34,7 @@ class Outcome(enum.StrEnum):
     PRECONDITION_FAILED = "precondition_failed"
     LOCKED = "locked"
     RUNNING = "running"
+    PAUSED = "paused"  # a campaign waiting for its next maintenance window
 
     @property
     def exit_code(self) -> int:
@@ -43,6 +46,7 @@ class Outcome(enum.StrEnum):
             Outcome.DIRTY: 3,
             Outcome.LOCKED: 4,
             Outcome.RUNNING: 3,
+            Outcome.PAUSED: 0,
         }[self]
 
 
@@ -81,9 +85,17 @@ class RunContext:
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     heartbeat: Callable[[], None] = lambda: None
+    # What the step being run waits for, as events (`waiting`); the engine binds it.
+    waits: Waits = field(default_factory=Waits)
     # The step being run never began before (not retried, not resumed): nothing it
     # creates exists yet, so a provider may skip its look-up for earlier attempts.
     first_attempt: bool = False
+    # The wall clock the maintenance-window gates read (a test injects its own), and the
+    # step's own journaled marks from an earlier attempt (a paused gate's measurements).
+    now: Callable[[], float] = time.time
+    marks: dict[str, Any] = field(default_factory=dict)
+    # This engine's process: a gate compares it with the one that opened the last batch.
+    session: str = ""
 
     def output(self, step_key: str) -> dict[str, Any]:
         return self.outputs.get(step_key, {})
@@ -97,10 +109,19 @@ class RunContext:
         if seconds > 0:
             self.provider.refresh()  # what was read before the wait is stale now
 
+    def waiting(
+        self, what: str, *, deadline: float | None = None, duration: float | None = None
+    ) -> AbstractContextManager[Wait]:
+        """Say what the step waits for while the block runs (`boot of 2 server(s): ...`):
+        wait_started / wait_progress / wait_done events with the seconds waited, shown as
+        a live line on a terminal. A TransientError leaving the block is a poll: the next
+        attempt's same wait goes on with it (orchestrator/waits.py)."""
+        return self.waits.waiting(what, clock=self.clock, deadline=deadline, duration=duration)
+
 
 STEP_TYPES: dict[str, type[Step]] = {}
 # Modules whose Step subclasses a journaled plan may name; imported on demand to rebuild one.
-STEP_MODULES = ("strategies.steps", "strategies.upgrade_steps")
+STEP_MODULES = ("strategies.steps", "strategies.upgrade_steps", "strategies.window")
 
 
 class Step(abc.ABC):

@@ -58,11 +58,7 @@ NEXT = {
     "rolled_back": "the old stack is serving as before; fix the cause, then run again",
     "dirty": "an operator is needed: `changeover status {run}` lists each resource's state",
     "precondition_failed": "nothing was touched; fix the precondition, then run again",
-    "paused": "the run is paused: `changeover resume {run}` continues it",
 }
-
-# Exit codes of outcomes the engine does not know yet (another issue adds `paused`).
-EXTRA_EXIT_CODES = {"paused": 0}
 
 
 def exit_code_of(outcome: str | None) -> int | None:
@@ -72,7 +68,7 @@ def exit_code_of(outcome: str | None) -> int | None:
     try:
         return Outcome(outcome).exit_code
     except ValueError:
-        return EXTRA_EXIT_CODES.get(outcome)
+        return None
 
 
 def advice(rec: RunRecord, steps: list[StepRecord], *, holder_alive: bool, holder: Any) -> str:
@@ -94,6 +90,9 @@ def advice(rec: RunRecord, steps: list[StepRecord], *, holder_alive: bool, holde
         "rolling_back": f"rollback interrupted: `changeover resume {rec.id}` finishes it",
         "dirty": "an operator is needed: fix the failed undo below, then "
         f"`changeover rollback {rec.id}`",
+        "paused": f"a paused campaign, every server serving: the next window opens "
+        f"{rec.result.get('next_window')}; `changeover {rec.strategy} {rec.stack}` continues "
+        f"it then, `changeover rollback {rec.id}` ends it where it is",
     }.get(rec.status, "")
 
 
@@ -363,8 +362,8 @@ class _Builder:
                 last_seen = ev.at
             elif ev.kind == "rollback_started":
                 add("rollback", ev.at, "rollback: " + (ev.detail or ""))
-            elif ev.kind in ("paused", "unpaused"):
-                add(ev.kind, ev.at, ev.kind)
+            elif ev.kind == "paused":
+                add("paused", ev.at, f"paused until the next window ({ev.detail})")
             elif ev.kind == "finished":
                 add("end", ev.at, f"ended: {ev.detail}")
         if self.rec.status in ("running", "rolling_back") and not self.alive:

@@ -60,7 +60,6 @@ MARKER_COLORS = {
     "kill": "#000000",
     "resume": "#3182bd",
     "paused": "#636363",
-    "unpaused": "#636363",
     "end": "#636363",
 }
 OUTCOME_COLORS = {

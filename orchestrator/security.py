@@ -38,6 +38,7 @@ from orchestrator.errors import BadInput, ChangeoverError, PreconditionFailed
 from orchestrator.hygiene import EXIT_MARK, MARK, split_sections
 from orchestrator.log import get_logger
 from orchestrator.models import Server
+from orchestrator.settings import REBOOT_AT_PATTERN
 
 if TYPE_CHECKING:
     from providers.transport import Transport
@@ -66,12 +67,11 @@ SECURITY_ORIGINS: dict[str, list[str]] = {
         "origin=UbuntuESM,archive=${distro_codename}-infra-security,label=UbuntuESM",
     ],
 }
-_REBOOT_AT = re.compile(r"([01]\d|2[0-3]):([0-5]\d)")
 
 
 def check_reboot_at(value: str | None) -> str | None:
     """--reboot-at: a 24-hour HH:MM, or None (never reboot automatically)."""
-    if value is not None and not _REBOOT_AT.fullmatch(value):
+    if value is not None and not REBOOT_AT_PATTERN.fullmatch(value):
         raise BadInput(f"--reboot-at {value!r}: expected HH:MM (24-hour), such as 03:30")
     return value
 

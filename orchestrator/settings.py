@@ -34,7 +34,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
-from orchestrator.errors import ConfigError
+from orchestrator.errors import BadInput, ConfigError
+from orchestrator.windows import Window
 
 DEFAULT_CONFIG_FILE = "changeover.toml"
 # XDG's place for state that outlives a process but is not config.
@@ -213,6 +214,30 @@ class StrategyDefaults(_Strict):
     drain_timeout: Float = Field(default=DEFAULT_DRAIN_TIMEOUT, gt=0)
 
 
+class MaintenanceWindows(_Strict):
+    """When campaigns (`upgrade`, `rotate`) may run: `--window` overrides `open`."""
+
+    open: list[str] = Field(
+        default_factory=list,
+        description="windows like 'Sat,Sun 02:00-05:00 Europe/Berlin'; empty: any time",
+    )
+    batch_estimate: Float = Field(
+        default=600.0,
+        gt=0,
+        description="seconds a batch is expected to take, until the campaign timed one",
+    )
+
+    @field_validator("open")
+    @classmethod
+    def _check_windows(cls, specs: list[str]) -> list[str]:
+        for spec in specs:
+            try:
+                Window.parse(spec)
+            except BadInput as exc:
+                raise ValueError(str(exc)) from None
+        return specs
+
+
 class LibcloudOptions(_Strict):
     """A libcloud driver and its non-secret arguments. Secrets come from the environment
     or the credentials file named here, never from this file or the logs."""
@@ -298,12 +323,26 @@ class StaticHost(_Strict):
     port: Int = Field(default=22, ge=1, le=65535)
     user: str | None = Field(default=None, min_length=1, description="default: hygiene.ssh.user")
     role: str = Field(default="web", min_length=1)
+    reboot_command: str | None = Field(
+        default=None,
+        min_length=1,
+        description="the shell command that reboots this host, run over SSH as its user "
+        "(default: `systemctl reboot || shutdown -r now`)",
+    )
 
     @field_validator("id")
     @classmethod
     def _check_id(cls, value: str) -> str:
         if not NAME_PATTERN.fullmatch(value):
             raise ValueError(f"host id {value!r}: use {NAME_RULE}")
+        return value
+
+    @field_validator("reboot_command")
+    @classmethod
+    def _check_reboot_command(cls, value: str | None) -> str | None:
+        # It runs detached (`nohup sh -c '...' &`): one line, so nothing else rides along.
+        if value is not None and (not value.strip() or "\n" in value or "\r" in value):
+            raise ValueError("reboot_command: one non-empty line, e.g. 'shutdown -r now'")
         return value
 
     @field_validator("address")
@@ -335,6 +374,32 @@ class StaticOptions(_Strict):
         return self
 
 
+# `[security] reboot_at` and `changeover security enable --reboot-at`: a 24-hour HH:MM.
+REBOOT_AT_PATTERN = re.compile(r"([01]\d|2[0-3]):([0-5]\d)")
+
+
+class SecurityPolicy(_Strict):
+    """What a fresh server sets up at first boot besides upgrading everything."""
+
+    unattended: Bool = Field(
+        default=True,
+        description="unattended upgrades from the security origins only, set up as "
+        "`changeover security enable` does (servers changeover creates on aws and libcloud)",
+    )
+    reboot_at: str | None = Field(
+        default=None,
+        description="HH:MM (24-hour): reboot then when an unattended upgrade needs it; "
+        "unset: never reboot automatically",
+    )
+
+    @field_validator("reboot_at")
+    @classmethod
+    def _check_reboot_at(cls, value: str | None) -> str | None:
+        if value is not None and not REBOOT_AT_PATTERN.fullmatch(value):
+            raise ValueError(f"{value!r}: expected HH:MM (24-hour), such as 03:30")
+        return value
+
+
 class StackConfig(_Strict):
     """One stack: where it lives, its entry points, its roles, its defaults."""
 
@@ -356,6 +421,10 @@ class StackConfig(_Strict):
     roles: dict[str, RoleConfig]
     defaults: StrategyDefaults = StrategyDefaults()
     hygiene: HygienePolicy = HygienePolicy()
+    security: SecurityPolicy = Field(
+        default=SecurityPolicy(), description="the security policy fresh servers follow"
+    )
+    windows: MaintenanceWindows = MaintenanceWindows()
 
     @model_validator(mode="before")
     @classmethod
@@ -447,8 +516,10 @@ class StackConfig(_Strict):
 
     @property
     def primary_address(self) -> str:
-        """The first entry point: the one a rehearsal's load goes through."""
-        return self.entry_points[0].name
+        """The first entry point: the one a rehearsal's load goes through ("" for a stack
+        without one: a static stack)."""
+        eps = self.entry_points
+        return eps[0].name if eps else ""
 
     @property
     def data_role(self) -> str | None:
@@ -491,6 +562,9 @@ class Settings(BaseSettings):
     # N (the Nth mutating call), OP (its first call) or OP:N (the Nth call of OP).
     crash_after_call: str | None = Field(default=None, pattern=r"^(\d+|[a-z_]+(:\d+)?)$")
     crash_before_call: str | None = Field(default=None, pattern=r"^(\d+|[a-z_]+(:\d+)?)$")
+    # The clock maintenance-window gates read: "ISO_TIME/SECONDS_PER_STEP" starts there and
+    # moves that far each time a step ends (orchestrator.windows.SteppedClock).
+    test_clock: str | None = None
     lock_ttl: Float = Field(default=60.0, gt=1)
 
     @field_validator("stacks")

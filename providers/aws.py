@@ -488,7 +488,7 @@ class AwsProvider(NoInPlaceUpgrades):
             "ClientToken": hashlib.sha256(
                 f"{idempotency_key}/{len(existing)}".encode()
             ).hexdigest()[:64],
-            "UserData": first_boot_user_data(launch.user_data),
+            "UserData": first_boot_user_data(launch.user_data, self.config.security),
             "TagSpecifications": [
                 {"ResourceType": "instance", "Tags": tags},
                 {"ResourceType": "volume", "Tags": tags},

@@ -57,7 +57,13 @@ from orchestrator.models import (
     ServerState,
 )
 from orchestrator.redact import register_secret
-from orchestrator.settings import HealthCheck, HygienePolicy, LibcloudOptions, StackConfig
+from orchestrator.settings import (
+    HealthCheck,
+    HygienePolicy,
+    LibcloudOptions,
+    SecurityPolicy,
+    StackConfig,
+)
 from providers.base import NoInPlaceUpgrades, Provider
 from providers.cloudinit import first_boot_user_data
 from providers.hostkeys import HostKeyPins
@@ -399,10 +405,15 @@ def _no_transport(dname: str) -> CapabilityError:
 
 
 # --- user data ---------------------------------------------------------------------------
-def user_data(links: dict[str, dict[str, str | None]], extra: str | None) -> str:
-    """First-boot cloud-init (providers.cloudinit: upgrade, reboot if required, ready
-    signal), plus a file naming the servers this one links to (its db). The links file
-    is written when the role's own user data is empty or cloud-config."""
+def user_data(
+    links: dict[str, dict[str, str | None]],
+    extra: str | None,
+    security: SecurityPolicy | None = None,
+) -> str:
+    """First-boot cloud-init (providers.cloudinit: upgrade, reboot if required, the
+    stack's security policy, ready signal), plus a file naming the servers this one links
+    to (its db). The links file is written when the role's own user data is empty or
+    cloud-config."""
     text = (extra or "").strip()
     if links and (not text or text.startswith("#cloud-config")):
         theirs = yaml.safe_load(text) if text else {}
@@ -410,7 +421,7 @@ def user_data(links: dict[str, dict[str, str | None]], extra: str | None) -> str
         entry = {"path": LINKS_FILE, "permissions": "0644", "content": json.dumps(links)}
         config["write_files"] = [*config.get("write_files", []), entry]
         text = "#cloud-config\n" + yaml.safe_dump(config, sort_keys=False)
-    return first_boot_user_data(text or None)
+    return first_boot_user_data(text or None, security)
 
 
 # --- the provider ------------------------------------------------------------------------
@@ -567,7 +578,7 @@ class LibcloudProvider(NoInPlaceUpgrades):
         }
         linked = self._links(stack, links)
         role_cfg = self.config.roles[role]
-        script = user_data(linked, role_cfg.launch.user_data)
+        script = user_data(linked, role_cfg.launch.user_data, self.config.security)
         if self.spec.name == "ec2":
             # One RunInstances for the whole batch; the token makes a retry a no-op.
             token = digest(f"{idempotency_key}#{len(servers)}")

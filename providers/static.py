@@ -19,6 +19,7 @@ A server's state is "running" as listed: whether it answers shows when it is ask
 from __future__ import annotations
 
 import re
+import shlex
 import socket
 import threading
 import time
@@ -51,6 +52,7 @@ NO_ENTRY_POINTS = "a static stack has no entry points: changeover does not route
 UPGRADE_TIMEOUT = 1800.0  # seconds an apt or dnf upgrade may take on one server
 REBOOT_TIMEOUT = 300.0  # seconds for a server's old boot to end after `reboot` is sent
 POLL = 1.0  # seconds between looks at a rebooting server
+DEFAULT_REBOOT = "systemctl reboot || shutdown -r now"  # a host's reboot_command
 
 # The shell prologue of every package command: no prompts, config files kept.
 _NONINTERACTIVE = (
@@ -356,19 +358,19 @@ class StaticProvider:
         return result.stdout
 
     def reboot_server(self, stack: str, server_id: str) -> None:
-        """The reboot hook if one was given (tests: a chroot cannot reboot), else
-        `systemctl reboot` over SSH; returns once the old boot has ended."""
+        """The reboot hook if one was given (in-process tests: a chroot cannot reboot),
+        else the host's `reboot_command` (default `systemctl reboot || shutdown -r now`)
+        over SSH, detached so that the session can end first; returns once the old boot
+        has ended (a new boot id, or the host stopped answering)."""
         self._call("reboot_server")
         server = self._by_id(stack, server_id)
         if self.reboot_hook is not None:
             self.reboot_hook(server)
             return
         boot = self.boot_state(stack, server_id)["boot_id"]
-        self._run(
-            server,
-            "nohup sh -c 'sleep 1; systemctl reboot || shutdown -r now' >/dev/null 2>&1 &",
-            30.0,
-        )
+        command = self.hosts[server_id].reboot_command or DEFAULT_REBOOT
+        detached = shlex.quote(f"sleep 1; {command}")
+        self._run(server, f"nohup sh -c {detached} </dev/null >/dev/null 2>&1 &", 30.0)
         deadline = time.monotonic() + REBOOT_TIMEOUT
         while time.monotonic() < deadline:
             try:

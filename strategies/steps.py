@@ -22,6 +22,7 @@ from orchestrator.errors import (
 )
 from orchestrator.models import TAG_TOKEN, Server
 from orchestrator.plan import NO_RETRY, RetryPolicy, RunContext, Step, StepResult
+from orchestrator.waits import some
 
 # Address changes wait for the cloud (an ELB marks targets healthy after its checks pass,
 # typically 30 s to a few minutes), so they retry patiently rather than fail the run.
@@ -108,14 +109,16 @@ class WaitRunning(Step):
 
     def do(self, ctx: RunContext) -> StepResult:
         ids = ids_from(ctx, self.params)
-        found = servers_by_id(ctx, ids)
-        dead = [i for i in ids if i in found and found[i].state in ("stopped", "terminated")]
-        if dead:
-            raise StepFailed(f"servers died while booting: {', '.join(dead)}")
-        # Not found yet is eventual consistency right after a launch: keep polling.
-        pending = [i for i in ids if i not in found or found[i].state != "running"]
-        if pending:
-            raise TransientError(f"{len(pending)} of {len(ids)} servers still booting")
+        deadline = self.policy().deadline
+        with ctx.waiting(f"boot of {len(ids)} server(s): {some(ids)}", deadline=deadline):
+            found = servers_by_id(ctx, ids)
+            dead = [i for i in ids if i in found and found[i].state in ("stopped", "terminated")]
+            if dead:
+                raise StepFailed(f"servers died while booting: {', '.join(dead)}")
+            # Not found yet is eventual consistency right after a launch: keep polling.
+            pending = [i for i in ids if i not in found or found[i].state != "running"]
+            if pending:
+                raise TransientError(f"{len(pending)} of {len(ids)} servers still booting")
         return StepResult({"running": ids})
 
 
@@ -154,6 +157,11 @@ class VerifyServers(Step):
 
     def do(self, ctx: RunContext) -> StepResult:
         ids = ids_from(ctx, self.params)
+        what = f"health gate on {len(ids)} server(s): {some(ids)}"
+        with ctx.waiting(what, deadline=self.policy().deadline):
+            return self._gate(ctx, ids)
+
+    def _gate(self, ctx: RunContext, ids: list[str]) -> StepResult:
         found = servers_by_id(ctx, ids)
         failed = [f"{i}: gone" for i in ids if i not in found]
         checks = {name: role.health for name, role in ctx.config.roles.items()}
@@ -178,7 +186,10 @@ class CopyData(Step):
 
     def do(self, ctx: RunContext) -> StepResult:
         dst = ctx.output(self.params["dst_from"])["created"][0]
-        out = ctx.provider.data_copy_live(ctx.stack, self.params["src"], dst)
+        src = self.params["src"]
+        # On a cloud this is a snapshot, polled until it completes.
+        with ctx.waiting(f"live copy of the data {src} -> {dst}"):
+            out = ctx.provider.data_copy_live(ctx.stack, src, dst)
         return StepResult({**out, "dst": dst})
 
 
@@ -215,7 +226,9 @@ class SyncData(Step):
             raise GuardRefused(
                 "refusing the final sync: writes on the old data server are not frozen"
             )
-        summary = ctx.provider.data_final_sync(ctx.stack, src, dst)
+        what = f"final sync of the data {src} -> {dst} (writes held)"
+        with ctx.waiting(what):
+            summary = ctx.provider.data_final_sync(ctx.stack, src, dst)
         ctx.log.info(events.DATA_SYNCED, rows=summary.count, checksum=summary.checksum[:16])
         return StepResult({"rows": summary.count, "checksum": summary.checksum})
 
@@ -386,24 +399,26 @@ class Bake(Step):
         interval = min(1.0, max(seconds / 5, 0.1))
         end = ctx.clock() + seconds
         checks = 0
-        while True:
-            checks += 1
-            found = servers_by_id(ctx, expect)
-            down = [i for i in expect if i not in found or found[i].state != "running"]
-            for address, members in targets.items():
-                path = _health_path(ctx, address)
-                status, backend = ctx.provider.probe_address(ctx.stack, address, path)
-                ctx.log.debug(events.BAKE_CHECK, status=status, backend=backend, down=down)
-                if status != 200 or backend not in members or down:
-                    ctx.log.error(events.BAKE_FAILED, status=status, backend=backend, down=down)
-                    raise VerificationFailed(
-                        f"bake failed after {checks} checks: HTTP {status} from {backend} "
-                        f"through {address}"
-                        + (f"; servers down: {', '.join(down)}" if down else "")
-                    )
-            if ctx.clock() >= end:
-                return StepResult({"checks": checks})
-            ctx.wait(min(interval, max(end - ctx.clock(), 0)))
+        with ctx.waiting(f"bake through {', '.join(targets)}", duration=seconds) as waiting:
+            while True:
+                checks += 1
+                found = servers_by_id(ctx, expect)
+                down = [i for i in expect if i not in found or found[i].state != "running"]
+                for address, members in targets.items():
+                    path = _health_path(ctx, address)
+                    status, backend = ctx.provider.probe_address(ctx.stack, address, path)
+                    ctx.log.debug(events.BAKE_CHECK, status=status, backend=backend, down=down)
+                    if status != 200 or backend not in members or down:
+                        ctx.log.error(events.BAKE_FAILED, status=status, backend=backend, down=down)
+                        raise VerificationFailed(
+                            f"bake failed after {checks} checks: HTTP {status} from {backend} "
+                            f"through {address}"
+                            + (f"; servers down: {', '.join(down)}" if down else "")
+                        )
+                waiting.update(f"{checks} check(s) passed")
+                if ctx.clock() >= end:
+                    return StepResult({"checks": checks})
+                ctx.wait(min(interval, max(end - ctx.clock(), 0)))
 
 
 class RemoveMembers(Step):
@@ -543,16 +558,19 @@ def _drain(ctx: RunContext, ids: list[str]) -> None:
     timeout = ctx.config.defaults.drain_timeout
     end = ctx.clock() + timeout
     interval = DRAIN_POLL_MIN
-    while True:
-        busy = _inflight(ctx, ids)
-        if not busy:
-            return
-        if ctx.clock() >= end:
-            raise StepFailed(f"servers did not drain within {timeout:.0f}s: {busy}")
-        ctx.log.debug(events.DRAIN_WAIT, busy=busy)
-        # Local requests drain in milliseconds, an ELB in minutes: poll fast, then less.
-        ctx.wait(min(interval, max(end - ctx.clock(), 0.0)))
-        interval = min(interval * 2, DRAIN_POLL_MAX)
+    busy = _inflight(ctx, ids)
+    if not busy:
+        return
+    with ctx.waiting(f"drain of {some(ids)}", deadline=timeout) as waiting:
+        while busy:
+            if ctx.clock() >= end:
+                raise StepFailed(f"servers did not drain within {timeout:.0f}s: {busy}")
+            waiting.update(f"{sum(busy.values())} request(s) in flight")
+            ctx.log.debug(events.DRAIN_WAIT, busy=busy)
+            # Local requests drain in milliseconds, an ELB in minutes: poll fast, then less.
+            ctx.wait(min(interval, max(end - ctx.clock(), 0.0)))
+            interval = min(interval * 2, DRAIN_POLL_MAX)
+            busy = _inflight(ctx, ids)
 
 
 def guard_destroy(ctx: RunContext, ids: list[str]) -> None:
@@ -619,7 +637,9 @@ class RetireServers(Step):
         ]
         if not alive:
             return StepResult({"destroyed": []}, noop="old generation already gone")
-        ctx.wait(float(self.params.get("retain", 0)))
+        if (retain := float(self.params.get("retain", 0))) > 0:
+            with ctx.waiting(f"retain of {some(alive)} before retiring", duration=retain):
+                ctx.wait(retain)
         _drain(ctx, alive)
         destroy = DestroyServers(key=self.key, ids=alive, data_ids=self.params.get("data_ids", []))
         return destroy.do(ctx)

@@ -6,13 +6,15 @@ reboot-required says so, verified with the health gate of a fresh server, and pu
 (strategies/upgrade_steps.py says what rollback means). Never two batches out at once:
 a batch's steps all come before the next batch's.
 
-Only servers behind an entry point are upgraded: the data role serves no entry point, so
-it cannot be drained; `summary.not_upgraded` lists it with that reason.
+A role behind an entry point is upgraded as the entry points route to it: its servers
+that some entry point holds, drained out of it. A serving role that no entry point names
+(every role of a static stack) has nothing to drain: its running servers are taken in
+batches all the same, min-healthy counts them, and the Drain/Return steps are no-ops
+that say why, while VerifyUpgraded gates each server as usual. The data role is not
+upgraded (`rebuild` replaces it); `summary.not_upgraded` lists it with the reason.
 """
 
 from __future__ import annotations
-
-import math
 
 from orchestrator.errors import BadInput, PreconditionFailed
 from orchestrator.plan import Plan, Step
@@ -26,6 +28,7 @@ from strategies.upgrade_steps import (
     ReturnServers,
     UpgradePackages,
     VerifyUpgraded,
+    min_serving,
 )
 
 DEFAULT_BATCH = 1  # servers upgraded at a time: the fewest out of service
@@ -37,6 +40,32 @@ def check_upgrades(provider: Provider, name: str) -> None:
     check = getattr(provider, "ex_check_upgrades", None)
     if callable(check):
         check(name)
+
+
+def _check_min_healthy(
+    name: str, role: str, serving: list[str], size: int, pct: int, *, routed: bool
+) -> None:
+    """Refuse (exit 2) a batch size that would leave fewer than min-healthy in service."""
+    total, out = len(serving), min(size, len(serving))
+    need = min_serving(pct, total, routed=routed)
+    if total - out >= need:
+        return
+    word = "serving" if routed else "running"
+    allowed = 100 * (total - out) // max(total, 1)
+    if allowed > 0:
+        hint = f"pass --min-healthy {allowed}" + (" or a smaller --batch" if size > 1 else "")
+    elif routed:
+        hint = f"replace them instead (surge first): `changeover rotate {name}`"
+    else:  # nothing routes around these servers: only the operator can accept the gap
+        them = "it" if total == 1 else "them"
+        hint = (
+            f"pass --min-healthy 0 to upgrade {them} anyway (out of service while upgrading "
+            "and rebooting)" + (" or a smaller --batch" if out > 1 else "")
+        )
+    raise PreconditionFailed(
+        f"upgrading {out} of the {total} {word} {role} server(s) at a time would leave "
+        f"{total - out} {word}, below min-healthy {pct}% ({need}); {hint}"
+    )
 
 
 def plan_upgrade(
@@ -51,8 +80,9 @@ def plan_upgrade(
     min_healthy: int | None = None,
 ) -> Plan:
     """Compose the upgrade plan from read calls only (I8): the batches of each serving
-    role, in order. Refuses (exit 2, nothing touched) when a batch cannot leave without
-    going below min-healthy, or when an entry point holds only one server."""
+    role, in order (of the servers its entry points route to, or of its running servers
+    when no entry point names it). Refuses (exit 2, nothing touched) when a batch cannot
+    leave without going below min-healthy, or when an entry point holds only one server."""
     if reboot not in REBOOT_MODES:
         raise BadInput(f"--reboot {reboot!r}: expected one of {', '.join(REBOOT_MODES)}")
     size = batch or DEFAULT_BATCH
@@ -71,21 +101,12 @@ def plan_upgrade(
                 "draining it takes the role out of service; replace the servers instead: "
                 f"`changeover rotate {name}`"
             )
-        members = {m for e in eps for m in view.entry_members.get(e, [])}
-        serving = [s.id for s in view.role(role) if s.id in members]
-        need = max(math.ceil(pct * len(serving) / 100), 1)
-        if len(serving) - min(size, len(serving)) < need:
-            allowed = 100 * (len(serving) - min(size, len(serving))) // max(len(serving), 1)
-            hint = (
-                f"pass --min-healthy {allowed}" + (" or a smaller --batch" if size > 1 else "")
-                if allowed > 0
-                else f"replace them instead (surge first): `changeover rotate {name}`"
-            )
-            raise PreconditionFailed(
-                f"upgrading {min(size, len(serving))} of the {len(serving)} serving {role} "
-                f"server(s) at a time would leave {len(serving) - min(size, len(serving))} "
-                f"serving, below min-healthy {pct}% ({need}); {hint}"
-            )
+        if eps:  # the servers its entry points route to
+            members = {m for e in eps for m in view.entry_members.get(e, [])}
+            serving = [s.id for s in view.role(role) if s.id in members]
+        else:  # no entry point names it (a static stack): its running servers serve
+            serving = [s.id for s in view.role(role) if s.state == "running"]
+        _check_min_healthy(name, role, serving, size, pct, routed=bool(eps))
         for start in range(0, len(serving), size):
             ids = serving[start : start + size]
             n = len(batches) + 1
@@ -119,10 +140,13 @@ def plan_upgrade(
                 ReturnServers(key=f"ReturnServers#{n}", ids=ids, role=role, verified_from=verify),
             ]
     serving_roles = set(config.serving_roles)
+    routed = {r for ep in config.entry_points for r in ep.roles}
     not_upgraded = {
         s.id: f"role {s.role!r} is behind no entry point, so it cannot be drained"
-        for s in view.servers
         if s.role not in serving_roles
+        else f"{s.state}, not running"
+        for s in view.servers
+        if s.role not in serving_roles or (s.role not in routed and s.state != "running")
     }
     return Plan(
         strategy="upgrade",

@@ -12,6 +12,12 @@ For each batch, in order::
     ReturnServers    back behind every entry point of the role (guarded: verified and
                      running), then checked through each entry point
 
+A role that no entry point names (every role of a static stack) has nothing to drain
+or return: DrainForUpgrade only checks that min-healthy of the role's servers stay
+running, ReturnServers only that the batch passed its gate, and both are no-ops that
+say so; changeover routes no traffic to such servers, so they are upgraded (and
+rebooted) where they run.
+
 What rollback means: before a batch's first upgrade call, rollback puts its drained
 servers back (they are unchanged and were serving). From that call on the batch only
 goes forward (RebootServers, VerifyUpgraded and ReturnServers are forward-only): an
@@ -28,6 +34,7 @@ from typing import Any
 
 from orchestrator.errors import GuardRefused, TransientError
 from orchestrator.plan import RetryPolicy, RunContext, Step, StepResult
+from orchestrator.waits import some
 from strategies.steps import (
     ADDRESS_RETRY,
     POLL_CAP,
@@ -49,8 +56,20 @@ UPGRADE_NO_RETURN = (
 REBOOT_MODES = ("auto", "never", "always")
 
 
+def min_serving(pct: int, total: int, *, routed: bool) -> int:
+    """How many of a role's `total` servers must stay in service: min-healthy percent,
+    rounded up. Behind an entry point at least one (draining the last one empties it);
+    a role nothing routes to may go down to none when `--min-healthy 0` says so."""
+    need = math.ceil(pct * total / 100)
+    return max(need, 1) if routed else need
+
+
 def _role(ctx: RunContext, params: dict[str, Any]) -> str:
     return str(params.get("role") or ctx.config.serving_roles[0])
+
+
+def _unrouted(role: str) -> str:
+    return f"no entry point serves role {role!r} (changeover routes no traffic to it)"
 
 
 def _behind(ctx: RunContext, role: str, ids: list[str]) -> dict[str, list[str]]:
@@ -87,8 +106,14 @@ class DrainForUpgrade(_BatchStep):
 
     def do(self, ctx: RunContext) -> StepResult:
         ids = list(self.params["ids"])
+        role = _role(ctx, self.params)
+        if not _serving(ctx, role):
+            self._check_running(ctx, role, ids)
+            return StepResult(
+                {"removed": {}, "drained": []}, noop=f"nothing to drain: {_unrouted(role)}"
+            )
         removed: dict[str, list[str]] = {}
-        for address in _serving(ctx, _role(ctx, self.params)):
+        for address in _serving(ctx, role):
             current = ctx.provider.get_members(ctx.stack, address)
             if not set(ids) & set(current):
                 continue
@@ -109,6 +134,22 @@ class DrainForUpgrade(_BatchStep):
                 {"removed": {}, "drained": ids}, noop="already out of every entry point"
             )
         return StepResult({"removed": removed, "drained": ids})
+
+    def _check_running(self, ctx: RunContext, role: str, ids: list[str]) -> None:
+        """A role nothing routes to: at least min-healthy percent of its servers must
+        stay running while the batch upgrades (the plan checked it; the world may have
+        changed since)."""
+        others = [
+            s
+            for s in ctx.provider.list_servers(ctx.stack)
+            if s.role == role and s.id not in ids and s.state == "running"
+        ]
+        total, pct = self.params["total"], self.params["min_healthy"]
+        if len(others) < min_serving(pct, total, routed=False):
+            raise GuardRefused(
+                f"upgrading {', '.join(ids)} would leave {len(others)} {role} server(s) "
+                f"running of {total}, below min-healthy {pct}%"
+            )
 
     def undo(self, ctx: RunContext) -> StepResult:
         """Put the batch back: undone only before its upgrade began, so the servers are
@@ -173,6 +214,11 @@ class RebootServers(_BatchStep):
 
     def do(self, ctx: RunContext) -> StepResult:
         ids = list(self.params["ids"])
+        what = f"reboot of {len(ids)} server(s): {some(ids)}"
+        with ctx.waiting(what, deadline=self.policy().deadline):
+            return self._reboot(ctx, ids)
+
+    def _reboot(self, ctx: RunContext, ids: list[str]) -> StepResult:
         mode = self.params["reboot"]
         upgraded_in = ctx.output(self.params["upgrade_from"]).get("boot_ids", {})
         rebooted: list[str] = []
@@ -226,10 +272,17 @@ class ReturnServers(_BatchStep):
 
     def do(self, ctx: RunContext) -> StepResult:
         ids = list(self.params["ids"])
+        role = _role(ctx, self.params)
+        if not _serving(ctx, role):
+            _guard_verified(ctx, ids, self.params["verified_from"])  # it passed its gate
+            return StepResult(
+                {"added": {}, "answered_by": {}, "verified": ids},
+                noop=f"nothing to return to: {_unrouted(role)}",
+            )
         added: dict[str, list[str]] = {}
         answered: dict[str, list[str]] = {}
         guarded = False
-        for address in _serving(ctx, _role(ctx, self.params)):
+        for address in _serving(ctx, role):
             current = ctx.provider.get_members(ctx.stack, address)
             if back := [i for i in ids if i not in current]:
                 if not guarded:  # I1, checked again on every attempt that adds

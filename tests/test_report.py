@@ -121,20 +121,22 @@ def test_report_unknown_run_is_exit_2(tmp_path: Path) -> None:
 
 
 def test_a_paused_outcome_is_reported(tmp_path: Path) -> None:
-    """A `paused` run (another issue adds pausing) gets its exit code, marker and advice."""
+    """A `paused` campaign gets its exit code, marker and advice (the window's start)."""
     conn = connect(tmp_path)
     lock = LeaseLock(conn)
     journal = Journal(conn, lock)
     lease = lock.acquire("demo", "r1")
     plan = {"strategy": "rotate", "stack": "demo", "steps": [], "summary": {}}
     journal.create_run("r1", plan, lease)
-    journal.event("r1", lease, "paused")
-    journal.set_status("r1", "paused", lease, outcome="paused", result={"message": "paused"})
+    journal.event("r1", lease, "paused", step="EnterWindow#1", detail="2026-12-12T02:00:00+00:00")
+    result = {"message": "paused", "next_window": "2026-12-12T02:00:00+00:00"}
+    journal.set_status("r1", "paused", lease, outcome="paused", result=result)
     lock.release(lease)
     rep = build_report(conn, "r1")
     conn.close()
     assert rep["outcome"] == "paused" and rep["exit_code"] == exit_code_of("paused") == 0
-    assert "changeover resume r1" in rep["next"]
+    assert "`changeover rotate demo` continues it" in rep["next"]
+    assert "2026-12-12T02:00:00+00:00" in rep["next"]
     assert [m["kind"] for m in rep["markers"]] == ["paused"]
     assert "PAUSED (exit 0)" in report_text(rep)
     json.dumps(rep)  # the JSON twin is plain data

@@ -6,6 +6,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from orchestrator.audit import AuditReport, ServerAudit, audit_stack, stack_recommendation
 from orchestrator.db import connect
 from orchestrator.hygiene import Action, Recommendation, Verdict
@@ -148,6 +150,32 @@ def teststack_recommendation_takes_the_worst_server_and_the_lightest_command() -
     patch = stack(_audited("web", "reboot", False), _audited("web", "patch", False))
     assert (patch.recommendation.action, patch.command) == ("patch", "changeover upgrade demo")
     assert stack(_audited("web", "leave", True)).command is None
+
+
+@pytest.mark.parametrize("provider", ["aws", "libcloud:ec2"])
+def test_providers_without_in_place_upgrades_are_patched_by_replacing(provider: str) -> None:
+    """aws and libcloud refuse `upgrade` (exit 2): their patch and reboot advice is a
+    command that runs there, a rotate (only the failing servers when the gate fails), or a
+    rebuild when the data role needs it."""
+    extra = {"libcloud": {"driver": "ec2"}} if provider.startswith("libcloud") else {}
+    config = StackConfig.model_validate(
+        {
+            "provider": provider,
+            "address": "a",
+            "roles": {"db": {"data": True}, "web": {"count": 2}},
+            **extra,
+        }
+    )
+
+    def command(*audits: ServerAudit) -> str | None:
+        rec, cmd = stack_recommendation("demo", config, list(audits))
+        assert rec.action in ("patch", "reboot")
+        assert f"{provider} servers are patched by replacing them" in rec.reason
+        return cmd
+
+    assert command(_audited("web", "patch", True)) == "changeover rotate demo"
+    assert command(_audited("web", "reboot", False)) == "changeover rotate demo --only-if-needed"
+    assert command(_audited("db", "patch", True)) == "changeover rebuild demo"
 
 
 def test_bad_audit_input_is_one_line_and_exit_2(make_world: Callable[..., World]) -> None:
