@@ -47,6 +47,7 @@ from orchestrator.models import Server
 from orchestrator.security import SecurityStatus
 from orchestrator.security import read_status as read_security
 from orchestrator.settings import HygienePolicy, StackConfig
+from strategies.upgrade_steps import min_serving
 
 if TYPE_CHECKING:
     from providers.base import Provider
@@ -483,9 +484,18 @@ def stack_recommendation(
     if worst == "replace" and config.provider == "static":
         # Servers nobody can create are not replaced: upgrading in place is what is left.
         only = " --security-only" if config.hygiene.pending == "security" else ""
+        lowest = _in_place_min_healthy(config, audits)
+        why = flag = ""
+        if lowest is not None:
+            why = (
+                f" (min-healthy {config.defaults.min_healthy}% keeps every host in service: "
+                f"--min-healthy {lowest} lets one out at a time)"
+            )
+            flag = f" --min-healthy {lowest}"
         return Recommendation(
-            "patch", f"{reason}; a static stack's servers cannot be replaced, so upgrade them"
-        ), f"changeover upgrade {stack}{only}"
+            "patch",
+            f"{reason}; a static stack's servers cannot be replaced, so upgrade them{why}",
+        ), f"changeover upgrade {stack}{only}{flag}"
     if worst != "replace" and not upgrades_in_place(config):
         # aws and libcloud servers are not upgraded in place (`upgrade` refuses them):
         # a fresh server is upgraded at boot, so replacing is how they are patched.
@@ -495,7 +505,40 @@ def stack_recommendation(
         )
     if worst == "replace":
         return Recommendation("replace", reason), _replace_command(stack, config, picked)
+    if any(a.server.role not in config.serving_roles for a in picked):
+        # `upgrade` leaves the data role alone (it cannot be drained): a rebuild replaces it.
+        return Recommendation(
+            worst, f"{reason}; the data role is not upgraded in place, so rebuild"
+        ), f"changeover rebuild {stack}"
+    if _in_place_min_healthy(config, audits) is not None and config.provider != "static":
+        # Upgrading in place would take servers out below min-healthy (`upgrade` refuses):
+        # a surge-first rotate brings fresh, fully upgraded servers and keeps all serving.
+        return Recommendation(
+            worst,
+            f"{reason}; upgrading in place would leave fewer than min-healthy "
+            f"{config.defaults.min_healthy}% serving, so replace them surge-first",
+        ), _replace_command(stack, config, picked, all_serving=True)
     return Recommendation(worst, reason), f"changeover upgrade {stack}"
+
+
+def _in_place_min_healthy(config: StackConfig, audits: list[ServerAudit]) -> int | None:
+    """None when `upgrade` (one server at a time) keeps min-healthy in service; else the
+    highest `--min-healthy` that lets one server out."""
+    pct = config.defaults.min_healthy
+    routed_roles = {r for ep in config.entry_points for r in ep.roles}
+    lowest: int | None = None
+    for role in config.serving_roles:
+        routed = role in routed_roles
+        in_service = [
+            a
+            for a in audits
+            if a.server.role == role and (a.serving if routed else a.server.state == "running")
+        ]
+        total = len(in_service)
+        if total and total - 1 < min_serving(pct, total, routed=routed):
+            allowed = 100 * (total - 1) // total
+            lowest = allowed if lowest is None else min(lowest, allowed)
+    return lowest
 
 
 def upgrades_in_place(config: StackConfig) -> bool:

@@ -19,6 +19,7 @@ from orchestrator.plan import Plan
 from orchestrator.rehearse import World
 from providers.local.provider import VERIFY_PASSED, LocalProvider
 from strategies.upgrade import plan_upgrade
+from tests.conftest import demo_stack
 from tests.invariants import check_serving_only, journal_steps, run_status
 
 ADVISORY = {
@@ -259,3 +260,25 @@ def _victim(world: World, since: int, until: int) -> str:
     """The server of the last upgrade or reboot call the killed process made."""
     calls = [c for c in world.cloud.calls(since) if c["id"] <= until and c["op"] in HOST_OPS]
     return str(calls[-1]["detail"]).split(":")[0]
+
+
+@pytest.mark.parametrize(("min_healthy", "verb"), [(50, "upgrade"), (100, "rotate")])
+def test_the_command_audit_recommends_runs_and_fixes_it(
+    make_world: Callable[..., World], min_healthy: int, verb: str
+) -> None:
+    """Pending upgrades: audit recommends `upgrade` when one server may leave (min-healthy
+    50%), else a surge-first `rotate` (100%: `upgrade` would refuse). The command as
+    printed, with --yes, exits 0, and a second audit has nothing left to advise."""
+    world = make_world(
+        roles={"web": {"count": 2, "image": "debian-12-base"}},  # no db: upgrade leaves it
+        defaults={**demo_stack()["defaults"], "min_healthy": min_healthy},
+    )
+    world.publish({"tzdata": ADVISORY["tzdata"]})  # not a security upgrade: patch, not replace
+    code, report = world.cli_json("audit", "demo")
+    assert code == 0, report.get("_stderr")
+    command = report["recommendation"]["command"]
+    assert command.split()[:3] == ["changeover", verb, "demo"], report["recommendation"]
+    done = world.cli(*command.split()[1:], "--yes")
+    assert done.returncode == 0, done.stderr[-3000:]
+    code, after = world.cli_json("audit", "demo")
+    assert code == 0 and after["recommendation"]["command"] is None, after["recommendation"]

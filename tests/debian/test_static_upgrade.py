@@ -216,8 +216,13 @@ def test_upgrade_security_only_on_a_static_stack_one_host_at_a_time(
     assert code == 2 and "below min-healthy 100%" in err, err
     assert _logins(stack) == logins
 
+    # What audit recommends is what runs: the command, as printed, with --yes.
+    code, audit, err = changeover(stack, "audit", STACK)
+    assert code == 0, err
+    recommended = audit["recommendation"]["command"]
+    assert recommended == f"changeover upgrade {STACK} --security-only --min-healthy 50"
     started = time.monotonic()
-    code, result, err = changeover(stack, "upgrade", STACK, *args, "--reboot", "auto", "--yes")
+    code, result, err = changeover(stack, *recommended.split()[1:], "--reboot", "auto", "--yes")
     seconds = time.monotonic() - started
     assert code == 0, err[-3000:]
     assert result["outcome"] == "succeeded", result

@@ -148,7 +148,23 @@ def teststack_recommendation_takes_the_worst_server_and_the_lightest_command() -
     assert stack(_audited("db", "replace", False)).command == "changeover rebuild demo"
     assert stack(_audited("web", "replace", True)).command == "changeover rebuild demo"
     patch = stack(_audited("web", "reboot", False), _audited("web", "patch", False))
+    # min-healthy 100% (the default): `upgrade` could take no server out, so surge first
+    # (the patched server fails the gate: --only-if-needed selects it).
+    assert patch.command == "changeover rotate demo --only-if-needed"
+    assert "upgrading in place would leave fewer than min-healthy 100%" in (
+        patch.recommendation.reason
+    )
+    config = StackConfig.model_validate(
+        {
+            "address": "a",
+            "roles": {"db": {"data": True}, "web": {"count": 2}},
+            "defaults": {"min_healthy": 50},
+        }
+    )
+    patch = stack(_audited("web", "reboot", False), _audited("web", "patch", False))
     assert (patch.recommendation.action, patch.command) == ("patch", "changeover upgrade demo")
+    # `upgrade` leaves the data role alone: a db to patch means a rebuild.
+    assert stack(_audited("db", "patch", True)).command == "changeover rebuild demo"
     assert stack(_audited("web", "leave", True)).command is None
 
 
