@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.db import connect
 from orchestrator.errors import BadInput, CapabilityError, ChangeoverError, PreconditionFailed
-from orchestrator.facts import ago, record_facts, verified_reports
+from orchestrator.facts import ago, record_facts
 from orchestrator.hygiene import (
     ACTIONS,
     Action,
@@ -47,6 +46,8 @@ from orchestrator.models import Server
 from orchestrator.security import SecurityStatus
 from orchestrator.security import read_status as read_security
 from orchestrator.settings import HygienePolicy, StackConfig
+from orchestrator.state import StateStore, open_store
+from orchestrator.state.base import VersionRecord
 from strategies.upgrade_steps import min_serving
 
 if TYPE_CHECKING:
@@ -140,11 +141,11 @@ class Baseline:
     run_id: str
 
 
-def load_baselines(conn: Any, stack: str, server_ids: Iterable[str]) -> dict[str, Baseline]:
+def load_baselines(store: StateStore, stack: str, server_ids: Iterable[str]) -> dict[str, Baseline]:
     """The newest run record of each server's components, read from the journal."""
     wanted = set(server_ids)
     found: dict[str, Baseline] = {}
-    for run_id, ended_at, server_id, report in verified_reports(conn, stack, BASELINE_RUNS):
+    for run_id, ended_at, server_id, report in store.verified_reports(stack, BASELINE_RUNS):
         if not wanted - found.keys():
             break
         if server_id not in wanted or server_id in found:
@@ -161,27 +162,16 @@ def load_baselines(conn: Any, stack: str, server_ids: Iterable[str]) -> dict[str
     return found
 
 
-def record_versions(conn: Any, stack: str, audits: list[ServerAudit], at: float) -> None:
+def record_versions(store: StateStore, stack: str, audits: list[ServerAudit], at: float) -> None:
     """Append what this audit read: versions recorded regularly, not only by runs."""
     rows = [
-        (stack, a.server.id, comp, version, at, "audit", None)
+        VersionRecord(a.server.id, comp, version, at, "audit", None)
         for a in audits
         if a.facts is not None
         for comp, version in a.facts.components.items()
     ]
-    if not rows:
-        return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.executemany(
-            "INSERT INTO component_versions (stack, server_id, component, version, "
-            "recorded_at, source, run_id) VALUES (?,?,?,?,?,?,?)",
-            rows,
-        )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+    if rows:
+        store.record_versions(stack, rows)
 
 
 # --------------------------------------------------------------------------------------
@@ -567,13 +557,15 @@ def audit_stack(
     stack: str,
     config: StackConfig,
     *,
-    state_dir: Path,
+    state_dir: Path | None = None,
+    store: StateStore | None = None,
     transport: Transport | None = None,
     now: float | None = None,
     workers: int = WORKERS,
     record: bool = True,
 ) -> AuditReport:
-    """Audit every server of the stack. Read-only towards the provider and the servers."""
+    """Audit every server of the stack. Read-only towards the provider and the servers.
+    What it read is recorded in `store` (or the sqlite store in `state_dir`)."""
     log = get_logger(stack_name=stack)  # "stack" is structlog's stack-trace key
     started = time.monotonic()
     now = time.time() if now is None else now
@@ -587,9 +579,10 @@ def audit_stack(
             log.warning(AUDIT_SERVER_FAILED, address=ep.name, error=str(exc))
     transport = transport or select_transport(provider, policy)
     script = fact_script(policy)
-    conn = connect(state_dir)
+    own = store is None
+    store = store or open_store(None, state_dir)
     try:
-        baselines = load_baselines(conn, stack, [s.id for s in servers])
+        baselines = load_baselines(store, stack, [s.id for s in servers])
 
         def audit_one(server: Server) -> ServerAudit:
             a = ServerAudit(
@@ -642,17 +635,18 @@ def audit_stack(
         else:
             audits = [audit_one(s) for s in servers]
         if record:
-            record_versions(conn, stack, audits, now)
+            record_versions(store, stack, audits, now)
             # What `plan rotate --only-if-needed` decides from, as it may not ask (I8).
             record_facts(
-                conn,
+                store,
                 stack,
                 {a.server.id: a.facts for a in audits if a.facts is not None},
                 now,
                 existing=[s.id for s in servers],
             )
     finally:
-        conn.close()
+        if own:
+            store.close()
     recommendation, command = stack_recommendation(stack, config, audits)
     report = AuditReport(
         stack=stack,

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from orchestrator.engine import Engine, RunResult
     from orchestrator.plan import Plan
     from orchestrator.settings import Settings, StackConfig
+    from orchestrator.state import StateStore
     from providers.base import Provider
 
 app = typer.Typer(
@@ -36,6 +37,11 @@ security_app = typer.Typer(
     help="Unattended upgrades from the security origins only.", no_args_is_help=True
 )
 app.add_typer(security_app, name="security")
+state_app = typer.Typer(
+    help="The state store: the journal, the leases and the recorded versions.",
+    no_args_is_help=True,
+)
+app.add_typer(state_app, name="state")
 
 
 class State:
@@ -151,11 +157,14 @@ def make_provider(settings: Settings, name: str, config: StackConfig) -> Provide
 
 
 def _engine(settings: Settings, provider: Provider, config: StackConfig) -> Engine:
+    import os
     import time
 
     from orchestrator.engine import Engine
+    from orchestrator.notify import sink_for as notify_sink
 
-    sink = _progress_sink(settings.output)
+    # Progress on a terminal, plus webhooks when configured (secrets from the environment).
+    sink = notify_sink(settings, config, os.environ, then=_progress_sink(settings.output))
     window_clock: Any = time.time
     if settings.test_clock:  # testing hook: a campaign across windows without waiting
         from orchestrator.windows import SteppedClock
@@ -171,7 +180,7 @@ def _engine(settings: Settings, provider: Provider, config: StackConfig) -> Engi
 
         sink = stepping
     return Engine(
-        state_dir=settings.state_path,
+        store=_store(settings),
         provider=provider,
         config=config,
         lock_ttl=settings.lock_ttl,
@@ -181,6 +190,14 @@ def _engine(settings: Settings, provider: Provider, config: StackConfig) -> Engi
         on_event=sink,
         window_clock=window_clock,
     )
+
+
+def _store(settings: Settings) -> StateStore:
+    """The state store `state` names (sqlite in the state dir by default). The caller
+    closes it, or hands it to an Engine, which does."""
+    from orchestrator.state import open_store
+
+    return open_store(settings)
 
 
 def _progress_sink(output: str | None) -> Any:
@@ -234,6 +251,12 @@ def _print_plan(settings: Settings, plan: Plan, provider: Provider | None = None
         lines.append(
             f"  {len(unverified)} server(s) need verification: no recorded facts; "
             f"`changeover audit {plan.stack}` records them, a real run verifies them live"
+        )
+    if skipped := plan.summary.get("skipped"):
+        # Opted out (strategies/opt_out.py): never selected, whatever the selection.
+        lines.append(
+            f"  {len(skipped)} server(s) skipped: "
+            + ", ".join(f"{i} ({why})" for i, why in skipped.items())
         )
     if not plan.steps:
         lines.append("  nothing to do" + (" on the recorded facts" if unverified else ""))
@@ -365,6 +388,7 @@ def _execute(
                         "stack": name,
                         "message": "nothing to do",
                         "selected": plan.summary.get("selected", {}),
+                        "skipped": plan.summary.get("skipped", {}),
                     },
                 ),
             )
@@ -381,15 +405,11 @@ def _execute(
 @app.command()
 def stacks(ctx: typer.Context) -> None:
     """Stacks, their generation, address holder and last run."""
-    from orchestrator.db import connect
     from orchestrator.errors import ChangeoverError
-    from orchestrator.journal import Journal
-    from orchestrator.lock import LeaseLock
     from strategies.base import StackView
 
     settings = _state(ctx).settings
-    conn = connect(settings.state_path)
-    journal = Journal(conn, LeaseLock(conn))
+    journal = _store(settings)
     rows = []
     for name, config in sorted(settings.stacks.items()):
         row: dict[str, Any] = {
@@ -415,7 +435,7 @@ def stacks(ctx: typer.Context) -> None:
             else None
         )
         rows.append(row)
-    conn.close()
+    journal.close()
     text = []
     for r in rows:
         last = r["last_run"]
@@ -450,6 +470,30 @@ StrategyArg = Annotated[str, typer.Argument(help="rebuild | rotate | upgrade", m
 RebootOpt = Annotated[
     str, typer.Option(help="auto (when reboot-required says so) | never | always")
 ]
+# rotate's canary and stop condition (strategies/canary.py, strategies/stop.py).
+CanaryOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=0,
+        help="servers replaced first and watched before any other "
+        "(default: 1 with --only-if-needed, else 0)",
+        metavar="N",
+    ),
+]
+CanaryWatchOpt = Annotated[
+    float | None,
+    typer.Option(min=0, help="seconds the canary is watched (default 60)", metavar="SECONDS"),
+]
+MaxUnhealthyOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=0,
+        max=100,
+        help="stop before creating more when over this percent of the run's new servers "
+        "fail (default 34)",
+        metavar="PCT",
+    ),
+]
 WindowOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -478,9 +522,13 @@ def plan(
     dist_upgrade: bool = False,
     reboot: RebootOpt = "auto",
     window: WindowOpt = None,
+    canary: CanaryOpt = None,
+    canary_watch: CanaryWatchOpt = None,
+    max_unhealthy: MaxUnhealthyOpt = None,
 ) -> None:
     """The steps a run would take. Makes no mutating call."""
     settings = _state(ctx).settings
+    store = _store(settings)  # the recorded facts `--only-if-needed` decides from (I8)
     builder = _builder(
         strategy,
         bake=bake,
@@ -495,10 +543,16 @@ def plan(
         dist_upgrade=dist_upgrade,
         reboot=reboot,
         window=window,
+        canary=canary,
+        canary_watch=canary_watch,
+        max_unhealthy=max_unhealthy,
         live=False,  # a plan makes only read calls (I8): it decides from recorded facts
-        state_dir=settings.state_path,
+        store=store,
     )
-    raise typer.Exit(_execute(settings, stack, builder, yes=False, dry_run=True))
+    try:
+        raise typer.Exit(_execute(settings, stack, builder, yes=False, dry_run=True))
+    finally:
+        store.close()
 
 
 def _builder(strategy: str, **o: Any) -> Any:
@@ -506,9 +560,11 @@ def _builder(strategy: str, **o: Any) -> Any:
 
     from orchestrator.errors import BadInput
 
-    for flag in ("bake", "retain"):  # click's FloatRange(min=0) lets inf and nan through
+    # click's FloatRange(min=0) lets inf and nan through
+    for flag in ("bake", "retain", "canary_watch"):
         if o.get(flag) is not None and not math.isfinite(o[flag]):
-            raise BadInput(f"--{flag}: {o[flag]} is not a finite number of seconds")
+            name = flag.replace("_", "-")
+            raise BadInput(f"--{name}: {o[flag]} is not a finite number of seconds")
     if strategy == "rebuild":
         from strategies.rebuild import plan_rebuild
 
@@ -531,6 +587,10 @@ def _builder(strategy: str, **o: Any) -> Any:
                 only_if_needed=o["only_if_needed"],
                 live=o.get("live", False),
                 state_dir=o.get("state_dir"),
+                store=o.get("store"),
+                canary=o.get("canary"),
+                canary_watch=o.get("canary_watch"),
+                max_unhealthy=o.get("max_unhealthy"),
             ),
         )
     if strategy == "upgrade":
@@ -601,11 +661,15 @@ def rotate(
         bool, typer.Option(help="also servers failing hygiene; no-op if none")
     ] = False,
     window: WindowOpt = None,
+    canary: CanaryOpt = None,
+    canary_watch: CanaryWatchOpt = None,
+    max_unhealthy: MaxUnhealthyOpt = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
     dry_run: Annotated[bool, typer.Option(help="print the plan; change nothing")] = False,
 ) -> None:
     """Surge-first replacement of the serving servers, a batch at a time."""
     settings = _state(ctx).settings
+    store = _store(settings)  # the recorded facts `--only-if-needed --dry-run` decides from
     builder = _builder(
         "rotate",
         max_surge=max_surge,
@@ -614,10 +678,16 @@ def rotate(
         only_if_needed=only_if_needed,
         # A real run may ask the servers (SSM on aws); --dry-run only reads (I8).
         live=not dry_run,
-        state_dir=settings.state_path,
+        store=store,
         window=window,
+        canary=canary,
+        canary_watch=canary_watch,
+        max_unhealthy=max_unhealthy,
     )
-    raise typer.Exit(_execute(settings, stack, builder, yes, dry_run, campaign="rotate"))
+    try:
+        raise typer.Exit(_execute(settings, stack, builder, yes, dry_run, campaign="rotate"))
+    finally:
+        store.close()
 
 
 @app.command()
@@ -653,17 +723,15 @@ def upgrade(
 
 
 def _run_engine_for(settings: Settings, run_id: str) -> tuple[Engine, str]:
-    from orchestrator.db import connect
     from orchestrator.errors import PreconditionFailed
-    from orchestrator.journal import Journal
-    from orchestrator.lock import LeaseLock
 
-    conn = connect(settings.state_path)
-    journal = Journal(conn, LeaseLock(conn))
-    rec = journal.get_run(run_id) or journal.find_run(run_id)
-    conn.close()
+    journal = _store(settings)
+    try:
+        rec = journal.get_run(run_id) or journal.find_run(run_id)
+    finally:
+        journal.close()
     if rec is None:
-        raise PreconditionFailed(f"no run {run_id!r} in the journal at {settings.state_path}")
+        raise PreconditionFailed(f"no run {run_id!r} in the journal ({journal.where})")
     config = settings.stack(rec.stack)
     return _engine(settings, make_provider(settings, rec.stack, config), config), rec.id
 
@@ -697,14 +765,10 @@ def rollback(ctx: typer.Context, run_id: str) -> None:
 @app.command()
 def status(ctx: typer.Context, run_id: Annotated[str | None, typer.Argument()] = None) -> None:
     """Runs and their steps."""
-    from orchestrator.db import connect
     from orchestrator.errors import PreconditionFailed
-    from orchestrator.journal import Journal
-    from orchestrator.lock import LeaseLock
 
     settings = _state(ctx).settings
-    conn = connect(settings.state_path)
-    journal = Journal(conn, LeaseLock(conn))
+    journal = _store(settings)
     try:
         if run_id is None:
             runs = journal.runs(limit=20)
@@ -736,15 +800,15 @@ def status(ctx: typer.Context, run_id: Annotated[str | None, typer.Argument()] =
         if rec is None:
             raise PreconditionFailed(f"no run {run_id!r} in the journal")
         steps = journal.steps(rec.id)
-        holder = journal.lock.holder(rec.stack)
+        holder = journal.holder(rec.stack)
     finally:
-        conn.close()
-    alive = holder is not None and _holder_alive(holder["pid"], holder["host"])
+        journal.close()
+    alive = holder is not None and _holder_alive(holder.pid, holder.host)
     from orchestrator.engine import unfinished_barrier
 
     barrier = unfinished_barrier(rec.plan, steps) if not rec.finished else None
     advice = {
-        "running": f"still running (pid {holder['pid']} on {holder['host']})"
+        "running": f"still running (pid {holder.pid} on {holder.host})"
         if alive and holder is not None
         else f"interrupted: `changeover resume {rec.id}` to continue, "
         f"or `changeover rollback {rec.id}` to undo",
@@ -770,7 +834,7 @@ def status(ctx: typer.Context, run_id: Annotated[str | None, typer.Argument()] =
         "status": rec.status,
         "error": rec.error,
         "next": advice,
-        "lock": dict(holder) if holder else None,
+        "lock": holder.to_dict() if holder else None,
         "steps": [
             {
                 "index": s.idx + 1,
@@ -796,12 +860,18 @@ def status(ctx: typer.Context, run_id: Annotated[str | None, typer.Argument()] =
         extra += f" error: {s.error}" if s.error else ""
         extra += f" undo error: {s.undo_error}" if s.undo_error else ""
         lines.append(f"  {s.idx + 1:>2}. {s.key:<24} {s.state:<8}{extra}")
+    if alive and (waiting := _waiting_on(steps)):
+        # What a running step waits on now: a drain, a lifecycle hook (its marks).
+        data["waiting_on"] = waiting
+        lines += [f"  waiting: {w}" for w in waiting]
     if "resources" in rec.result:
         lines.append("  resources: " + json.dumps(rec.result["resources"]))
     if advice:
         lines.append(f"  next: {advice}")
     table: Table = (
-        f"{lines[0]}" + (f"\nnext: {advice}" if advice else ""),
+        f"{lines[0]}"
+        + "".join(f"\nwaiting: {w}" for w in data.get("waiting_on", []))
+        + (f"\nnext: {advice}" if advice else ""),
         ["#", "step", "state", "attempts", "seconds", "undo", "note"],
         [
             [
@@ -819,6 +889,24 @@ def status(ctx: typer.Context, run_id: Annotated[str | None, typer.Argument()] =
     _emit(settings, data, "\n".join(lines), table)
 
 
+def _waiting_on(steps: list[Any]) -> list[str]:
+    """What the steps under way wait on, from their journaled marks (`status`)."""
+    import time
+
+    from orchestrator.hooks import describe_running
+    from strategies.drain import describe_drain
+
+    now = time.time()
+    out: list[str] = []
+    for st in steps:
+        if st.state != "started":
+            continue
+        for line in (describe_running(st.outputs, now), describe_drain(st.outputs, now)):
+            if line:
+                out.append(f"{st.key}: {line}")
+    return out
+
+
 @app.command()
 def unlock(
     ctx: typer.Context,
@@ -826,17 +914,17 @@ def unlock(
     force: Annotated[bool, typer.Option("--force", help="required: break the lease")] = False,
 ) -> None:
     """Break a stack's lease. The old holder is fenced from then on."""
-    from orchestrator.db import connect
     from orchestrator.errors import BadInput
-    from orchestrator.lock import LeaseLock
 
     settings = _state(ctx).settings
     settings.stack(stack)
     if not force:
         raise BadInput("unlock breaks another run's lease; pass --force if you mean it")
-    conn = connect(settings.state_path)
-    holder = LeaseLock(conn).break_lock(stack)
-    conn.close()
+    store = _store(settings)
+    try:
+        holder = store.break_lock(stack)
+    finally:
+        store.close()
     _emit(
         settings,
         {"stack": stack, "broken": holder},
@@ -852,7 +940,11 @@ def audit(ctx: typer.Context, stack: str) -> None:
     settings = _state(ctx).settings
     config = settings.stack(stack)
     provider = make_provider(settings, stack, config)
-    report = audit_stack(provider, stack, config, state_dir=settings.state_path)
+    store = _store(settings)
+    try:
+        report = audit_stack(provider, stack, config, store=store)
+    finally:
+        store.close()
     _emit(settings, report.to_dict(), report.text(), report.tables())
     raise typer.Exit(report.exit_code)
 
@@ -963,15 +1055,14 @@ def report(
     ] = None,
 ) -> None:
     """What a run did, from the journal: timeline, health gate, calls, outcome."""
-    from orchestrator.db import connect
     from orchestrator.report import build_report, report_text
 
     settings = _state(ctx).settings
-    conn = connect(settings.state_path)
+    store = _store(settings)
     try:
-        data = build_report(conn, run_id)
+        data = build_report(store, run_id)
     finally:
-        conn.close()
+        store.close()
     text = report_text(data)
     if html is not None:
         _write_html(html, data)
@@ -989,6 +1080,17 @@ def _write_html(path: Path, data: dict[str, Any]) -> None:
         path.write_text(render_html(redact(data)), encoding="utf-8")
     except OSError as exc:
         raise BadInput(f"--html {path}: cannot write the report: {exc.strerror}") from None
+
+
+@state_app.command("init")
+def state_init(ctx: typer.Context) -> None:
+    """Create the shared state store: the DynamoDB table `state` names (on-demand
+    billing, TTL for finished runs). Idempotent. For sqlite, says where the file is."""
+    from orchestrator.state import init_state, parse_state
+
+    settings = _state(ctx).settings
+    out = init_state(parse_state(settings.state), settings.state_path)
+    _emit(settings, out, out["message"])
 
 
 @local_app.command("up")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import threading
 import time
 import uuid
@@ -32,7 +31,6 @@ from tenacity import (
 )
 
 from orchestrator import events
-from orchestrator.db import connect
 from orchestrator.errors import (
     ChangeoverError,
     FencedError,
@@ -41,11 +39,11 @@ from orchestrator.errors import (
     PreconditionFailed,
 )
 from orchestrator.guard import MutationGuard
-from orchestrator.journal import Journal, RunRecord, StepRecord
-from orchestrator.lock import Lease, LeaseLock
 from orchestrator.log import get_logger
 from orchestrator.plan import Outcome, Plan, RunContext, Step, StepResult
 from orchestrator.settings import StackConfig
+from orchestrator.state import StateStore, open_store
+from orchestrator.state.base import Lease, RunRecord, StateUnavailable, StepRecord
 from providers.base import Provider
 
 EventSink = Callable[[str, dict[str, Any]], None]
@@ -55,8 +53,8 @@ class Heartbeat:
     """Renews the lease from a thread of its own while a run is being driven, so a step
     that waits long (a boot, a snapshot, a bake) never lets the lease lapse."""
 
-    def __init__(self, state_dir: Path, lease: Lease, ttl: float) -> None:
-        self.state_dir = state_dir
+    def __init__(self, store: StateStore, lease: Lease, ttl: float) -> None:
+        self.store = store  # cloned for the thread: a handle of its own
         self.lease = lease
         self.ttl = ttl
         self.lost: str | None = None
@@ -72,20 +70,19 @@ class Heartbeat:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        conn = connect(self.state_dir)
-        lock = LeaseLock(conn, ttl=self.ttl)
+        store = self.store.clone()
         try:
             while not self._stop.wait(self.ttl / 3):
                 try:
-                    self.lease = lock.renew(self.lease)
+                    self.lease = store.renew(self.lease)
                 except FencedError as exc:
                     # The main thread's next journal write is refused too; just stop.
                     self.lost = str(exc)
                     return
-                except sqlite3.OperationalError:
-                    continue  # busy database: the next beat is soon enough
+                except StateUnavailable:
+                    continue  # a busy or unreachable store: the next beat is soon enough
         finally:
-            conn.close()
+            store.close()
 
 
 def new_run_id() -> str:
@@ -113,7 +110,8 @@ class Engine:
     def __init__(
         self,
         *,
-        state_dir: Path,
+        state_dir: Path | None = None,
+        store: StateStore | None = None,
         provider: Provider,
         config: StackConfig,
         lock_ttl: float = 60.0,
@@ -125,11 +123,12 @@ class Engine:
         on_event: EventSink | None = None,
         window_clock: Callable[[], float] = time.time,
     ) -> None:
-        self.state_dir = state_dir
-        self.lock_ttl = lock_ttl
-        self.conn = connect(state_dir)
-        self.lock = LeaseLock(self.conn, ttl=lock_ttl, clock=clock)
-        self.journal = Journal(self.conn, self.lock)
+        # The journal and the leases: the store the composition root opened (the engine
+        # closes it), or the sqlite one in `state_dir`. `journal` and `lock` name its two
+        # faces where the engine uses them.
+        self.store = store or open_store(None, state_dir, ttl=lock_ttl, clock=clock)
+        self.lock_ttl = self.store.ttl
+        self.journal = self.lock = self.store
         self.provider = provider
         # What the steps get: the provider behind the lease check and the kill hooks.
         self.guard = MutationGuard(
@@ -156,7 +155,7 @@ class Engine:
         self._tries = 0  # attempts of the step being run, for the journal
 
     def close(self) -> None:
-        self.conn.close()
+        self.store.close()
 
     # --- entry points ------------------------------------------------------------------
     def ensure_free(self, stack: str) -> None:
@@ -195,6 +194,7 @@ class Engine:
         get_logger(run=run_id).info(
             events.RUN_STARTED, strategy=plan.strategy, stack_name=plan.stack, steps=len(plan.steps)
         )
+        self.on_event("run_started", _started(run_id, plan, resumed=False))
         return self._drive(run_id, plan, lease)
 
     def resume(self, run_id: str) -> RunResult:
@@ -204,6 +204,7 @@ class Engine:
         lease = self.lock.acquire(rec.stack, rec.id)
         get_logger(run=rec.id).info(events.RUN_RESUMED, status=rec.status, token=lease.token)
         self.journal.event(rec.id, lease, "resumed", detail=rec.status)
+        self.on_event("run_started", _started(rec.id, plan, resumed=True))
         records = self.journal.steps(rec.id)
         if _barrier(plan, records) is None and rec.status in ("rolling_back", "dirty"):
             # A run that began undoing only ever goes on undoing.
@@ -244,7 +245,7 @@ class Engine:
 
     def _lease_left(self, stack: str) -> float:
         row = self.lock.holder(stack)
-        return float(row["expires_at"] - self.clock()) if row else 0.0
+        return row.expires_at - self.clock() if row else 0.0
 
     def _context(self, run_id: str, plan: Plan, lease: Lease) -> RunContext:
         outputs = {r.key: r.outputs for r in self.journal.steps(run_id) if r.state == "done"}
@@ -324,7 +325,7 @@ class Engine:
         mutating provider call. A lost lease stops the run where it is."""
         self._lease = lease
         try:
-            with Heartbeat(self.state_dir, lease, self.lock_ttl) as beat:
+            with Heartbeat(self.store, lease, self.lock_ttl) as beat:
                 self._heartbeat = beat
                 return body()
         except FencedError as exc:
@@ -381,6 +382,7 @@ class Engine:
             self._crossed = records[idx].outputs.get("point_of_no_return") is not None
             ctx.first_attempt = records[idx].state == "pending"
             ctx.marks = dict(records[idx].outputs)
+            ctx.journal_marks = self._marker(run_id, idx, lease)  # RunContext.mark
             try:
                 result: StepResult = self._attempt(step, ctx, step_call(step.do, ctx))
             except FencedError:
@@ -441,6 +443,16 @@ class Engine:
             )
             self._maybe_crash(step)
         return self._finish(run_id, plan, lease, Outcome.SUCCEEDED, "done")
+
+    def _marker(self, run_id: str, idx: int, lease: Lease) -> Callable[[dict[str, Any]], None]:
+        """RunContext.mark for step `idx`: merged into what its row holds (a point of no
+        return stays), fenced by the lease like every journal write."""
+
+        def mark(marks: dict[str, Any]) -> None:
+            held = self.journal.steps(run_id)[idx].outputs
+            self.journal.step_marked(run_id, idx, lease, {**held, **marks})
+
+        return mark
 
     def _maybe_crash(self, step: Step) -> None:
         """Testing hook (CHANGEOVER_CRASH_AFTER_STEP): die like a kill -9 would."""
@@ -519,6 +531,7 @@ class Engine:
         self.journal.event(run_id, lease, "finished", detail=outcome.value)
         self.lock.release(lease)
         get_logger(run=run_id).info(events.RUN_FINISHED, outcome=outcome.value)
+        self.on_event("run_finished", summary)  # notifications (orchestrator/notify.py)
         return RunResult(run_id, outcome, message, summary)
 
     def summarize(self, run_id: str, plan: Plan, outcome: Outcome) -> dict[str, Any]:
@@ -653,6 +666,21 @@ def step_call(
 ) -> Callable[[], StepResult | None]:
     """Bind a step method to its context (a closure per step, not per loop variable)."""
     return lambda: fn(ctx)
+
+
+def _started(run_id: str, plan: Plan, *, resumed: bool) -> dict[str, Any]:
+    """The `run_started` event: which run, and the generations its plan goes between."""
+    return {
+        "run_id": run_id,
+        "stack": plan.stack,
+        "strategy": plan.strategy,
+        "steps": len(plan.steps),
+        "generation": {
+            "before": plan.summary.get("generation_before"),
+            "after": plan.summary.get("generation_after"),
+        },
+        "resumed": resumed,
+    }
 
 
 def _reason(exc: BaseException) -> str:

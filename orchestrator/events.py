@@ -32,12 +32,30 @@ DESTROY_REFUSED = "destroy.refused"
 CUTOVER_DONE = "cutover.done"
 BAKE_CHECK = "bake.check"
 BAKE_FAILED = "bake.failed"
+GATE_PASSED = "gate.passed"
+GATE_FAILED = "gate.failed"  # an alarm gate failed (or could not be asked): the step fails
+GATE_RETRY = "gate.retry"  # a gate could not be asked: asked again
+CANARY_CHECK = "canary.check"
+CANARY_FAILED = "canary.failed"
+STOP_UNHEALTHY = "stop.unhealthy"  # new servers of the run fail, still within max-unhealthy
+STOP_FIRED = "stop.fired"  # a stop condition fired: the run stops before creating more
 VERIFY_FAILED = "verify.failed"
 DATA_SYNCED = "data.synced"
 DRAIN_WAIT = "drain.wait"
+DRAIN_TIMED_OUT = "drain.timed_out"  # on_drain_timeout = "proceed": went on, requests cut
+HOOK_STARTED = "hook.started"
+HOOK_HELD = "hook.held"  # a webhook hook held (or did not answer): asked again
+HOOK_PASSED = "hook.passed"
+HOOK_FAILED = "hook.failed"
+HOOK_OUTPUT = "hook.output"  # the tail of a command hook's output (debug)
 
 PROVIDER_CALL = "provider.call"
 PROVIDER_RETRY = "provider.retry"
 LOCAL_STARTED = "local.started"
 LOCAL_STOPPED = "local.stopped"
 CRASH_INJECTED = "fault.crash_injected"
+
+NOTIFY_SENT = "notify.sent"
+NOTIFY_RETRY = "notify.retry"
+NOTIFY_FAILED = "notify.failed"  # a webhook gave up (refused, or out of attempts)
+NOTIFY_UNDELIVERED = "notify.undelivered"  # still queued when the process stopped waiting

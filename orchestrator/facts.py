@@ -10,37 +10,24 @@ facts "needs verification"; a real run verifies it live.
 Two records are read, and the newer one wins:
 - a run's `VerifyServers` step: its outputs in the journal carry each server's report,
   facts included (steps.state = 'done' only: those servers passed the gate);
-- an audit: `changeover audit` keeps the last facts it read of each server in the
-  `server_facts` table (one row per server; rows of servers that are gone are dropped).
+- an audit: `changeover audit` keeps the last facts it read of each server in the state
+  store (one record per server; those of servers that are gone are dropped).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from orchestrator.db import connect
 from orchestrator.hygiene import FACTS_VERSION, Facts, Kernel, Package, evaluate
 from orchestrator.models import Server
-from orchestrator.redact import redact
 from orchestrator.settings import HygienePolicy
+from orchestrator.state import StateStore, open_store
 
 # The journal's VerifyServers steps scanned for a server's facts, newest first.
 SCAN_STEPS = 500
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS server_facts (
-    stack TEXT NOT NULL,
-    server_id TEXT NOT NULL,
-    recorded_at REAL NOT NULL,
-    source TEXT NOT NULL,
-    facts_json TEXT NOT NULL,
-    PRIMARY KEY (stack, server_id)
-);
-"""
 
 Source = Literal["audit", "run"]
 
@@ -133,90 +120,42 @@ def facts_from_dict(d: Any) -> Facts | None:
 
 
 # --------------------------------------------------------------------------------------
-# Writing (audit) and reading (plan)
+# Writing (audit) and reading (plan), in the state store
 # --------------------------------------------------------------------------------------
 
 
 def record_facts(
-    conn: Any,
+    store: StateStore,
     stack: str,
     facts: Mapping[str, Facts],
     at: float,
     *,
     existing: Iterable[str] | None = None,
 ) -> None:
-    """Keep the facts an audit read, one row per server (the newest). `existing`: every
-    server the stack has now; rows of the others (destroyed servers) are dropped."""
-    conn.executescript(SCHEMA)
-    keep = set(existing) if existing is not None else None
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.executemany(
-            "INSERT OR REPLACE INTO server_facts (stack, server_id, recorded_at, source, "
-            "facts_json) VALUES (?,?,?,?,?)",
-            [
-                (stack, sid, at, "audit", json.dumps(redact(f.to_dict())))
-                for sid, f in facts.items()
-            ],
-        )
-        if keep is not None:
-            gone = [
-                row[0]
-                for row in conn.execute(
-                    "SELECT server_id FROM server_facts WHERE stack=?", (stack,)
-                ).fetchall()
-                if row[0] not in keep
-            ]
-            conn.executemany(
-                "DELETE FROM server_facts WHERE stack=? AND server_id=?",
-                [(stack, sid) for sid in gone],
-            )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-
-
-def _from_audits(conn: Any, stack: str, wanted: set[str]) -> dict[str, RecordedFacts]:
-    found: dict[str, RecordedFacts] = {}
-    rows = conn.execute(
-        "SELECT server_id, recorded_at, facts_json FROM server_facts WHERE stack=?", (stack,)
+    """Keep the facts an audit read, one record per server (the newest). `existing`:
+    every server the stack has now; the records of the others (destroyed) are dropped."""
+    store.record_facts(
+        stack,
+        {sid: f.to_dict() for sid, f in facts.items()},
+        at,
+        existing=list(existing) if existing is not None else None,
     )
-    for server_id, recorded_at, facts_json in rows:
-        if server_id not in wanted:
+
+
+def _from_audits(store: StateStore, stack: str, wanted: set[str]) -> dict[str, RecordedFacts]:
+    found: dict[str, RecordedFacts] = {}
+    for rec in store.audit_facts(stack):
+        if rec.server_id not in wanted:
             continue
-        try:
-            facts = facts_from_dict(json.loads(facts_json))
-        except ValueError:
-            continue
+        facts = facts_from_dict(rec.facts)
         if facts is not None:
-            found[server_id] = RecordedFacts(server_id, facts, float(recorded_at), "audit")
+            found[rec.server_id] = RecordedFacts(rec.server_id, facts, rec.recorded_at, "audit")
     return found
 
 
-def verified_reports(
-    conn: Any, stack: str, limit: int
-) -> Iterator[tuple[str, float, str, dict[str, Any]]]:
-    """(run id, recorded at, server id, gate report) of the stack's finished
-    VerifyServers steps, newest first, scanning at most `limit` steps."""
-    rows = conn.execute(
-        "SELECT s.run_id, s.ended_at, s.outputs_json FROM steps s JOIN runs r ON r.id = s.run_id "
-        "WHERE r.stack=? AND s.name='VerifyServers' AND s.state='done' "
-        "ORDER BY s.ended_at DESC LIMIT ?",
-        (stack, limit),
-    )
-    for run_id, ended_at, outputs_json in rows:
-        try:
-            reports = json.loads(outputs_json or "{}").get("reports", {})
-        except (AttributeError, ValueError):
-            continue
-        for server_id, report in reports.items():
-            yield str(run_id), float(ended_at or 0.0), str(server_id), report or {}
-
-
-def _from_runs(conn: Any, stack: str, wanted: set[str]) -> dict[str, RecordedFacts]:
+def _from_runs(store: StateStore, stack: str, wanted: set[str]) -> dict[str, RecordedFacts]:
     found: dict[str, RecordedFacts] = {}
-    for run_id, ended_at, server_id, report in verified_reports(conn, stack, SCAN_STEPS):
+    for run_id, ended_at, server_id, report in store.verified_reports(stack, SCAN_STEPS):
         if not wanted - found.keys():
             break
         if server_id not in wanted or server_id in found:
@@ -228,15 +167,12 @@ def _from_runs(conn: Any, stack: str, wanted: set[str]) -> dict[str, RecordedFac
 
 
 def load_recorded_facts(
-    conn: Any, stack: str, server_ids: Iterable[str]
+    store: StateStore, stack: str, server_ids: Iterable[str]
 ) -> dict[str, RecordedFacts]:
     """The newest recorded facts of each server, from audits and runs; read only."""
     wanted = set(server_ids)
-    has_table = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='server_facts'"
-    ).fetchone()
-    audits = _from_audits(conn, stack, wanted) if has_table else {}
-    runs = _from_runs(conn, stack, wanted)
+    audits = _from_audits(store, stack, wanted)
+    runs = _from_runs(store, stack, wanted)
     newest: dict[str, RecordedFacts] = {}
     for sid in wanted:
         candidates = [r for r in (audits.get(sid), runs.get(sid)) if r is not None]
@@ -246,14 +182,16 @@ def load_recorded_facts(
 
 
 def recorded_facts(
-    state_dir: Path, stack: str, server_ids: Iterable[str]
+    state: StateStore | Path, stack: str, server_ids: Iterable[str]
 ) -> dict[str, RecordedFacts]:
-    """`load_recorded_facts` on the state dir's database."""
-    conn = connect(state_dir)
-    try:
-        return load_recorded_facts(conn, stack, server_ids)
-    finally:
-        conn.close()
+    """`load_recorded_facts` from a store, or from the sqlite store in a state dir."""
+    if isinstance(state, Path):
+        store = open_store(None, state)
+        try:
+            return load_recorded_facts(store, stack, server_ids)
+        finally:
+            store.close()
+    return load_recorded_facts(state, stack, server_ids)
 
 
 # --------------------------------------------------------------------------------------

@@ -13,6 +13,10 @@ TAG_GENERATION = "changeover:generation"
 TAG_RUN = "changeover:run"
 # The idempotency key a server was created under (EC2's ClientToken plays this part).
 TAG_TOKEN = "changeover:token"
+# The opt-out (like Karpenter's karpenter.sh/do-not-disrupt): set by the operator, never by
+# changeover. A server carrying it is never selected by `rotate` or `upgrade`; any value
+# but "false" counts, an empty one included (a bare tag).
+TAG_DO_NOT_DISRUPT = "changeover:do-not-disrupt"
 
 ServerState = Literal["pending", "running", "stopped", "terminated"]
 
@@ -31,6 +35,12 @@ class Server:
     port: int | None = None
     created_at: float = 0.0
     tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def do_not_disrupt(self) -> bool:
+        """Tagged `changeover:do-not-disrupt` (any value but "false"): opted out."""
+        value = self.tags.get(TAG_DO_NOT_DISRUPT)
+        return value is not None and value.strip().lower() != "false"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

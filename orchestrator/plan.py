@@ -96,6 +96,17 @@ class RunContext:
     marks: dict[str, Any] = field(default_factory=dict)
     # This engine's process: a gate compares it with the one that opened the last batch.
     session: str = ""
+    # Journals marks of the step being run (merged into its journaled outputs, fenced by
+    # the lease); the engine binds it per step. Steps call `mark`, not this.
+    journal_marks: Callable[[dict[str, Any]], None] = lambda _m: None
+
+    def mark(self, **marks: Any) -> None:
+        """Record progress inside the step being run, durably, before going on: what a
+        resumed attempt must not repeat (a lifecycle hook that passed) and what `status`
+        shows while the step waits (a drain, a held hook). An attempt of the same step in
+        a new process finds them in `marks`; a key set to None is cleared."""
+        self.marks.update(marks)
+        self.journal_marks(marks)
 
     def output(self, step_key: str) -> dict[str, Any]:
         return self.outputs.get(step_key, {})
@@ -121,7 +132,13 @@ class RunContext:
 
 STEP_TYPES: dict[str, type[Step]] = {}
 # Modules whose Step subclasses a journaled plan may name; imported on demand to rebuild one.
-STEP_MODULES = ("strategies.steps", "strategies.upgrade_steps", "strategies.window")
+STEP_MODULES = (
+    "strategies.steps",
+    "strategies.upgrade_steps",
+    "strategies.window",
+    "strategies.canary",
+    "strategies.stop",
+)
 
 
 class Step(abc.ABC):

@@ -25,7 +25,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.cli import app, parse_duration
-from orchestrator.db import connect
 from orchestrator.errors import BadInput, ConfigError
 from orchestrator.guard import parse_call_spec
 from orchestrator.load import DEFAULT_TIMEOUT, LoadGenerator, LoadResult
@@ -34,6 +33,7 @@ from orchestrator.redact import redact
 from orchestrator.report import attach_load, build_report
 from orchestrator.report_html import render_html
 from orchestrator.settings import DEMO_STACK, StackConfig, read_utf8
+from orchestrator.state import StateStore, open_store
 from providers.local.bootstrap import ensure_stack
 from providers.local.cloud import LocalCloud
 from providers.local.daemon import kill_pid, pid_alive
@@ -104,6 +104,11 @@ class World:
                 continue
             if marker in cmdline and "providers.local" in cmdline:
                 kill_pid(int(pid_dir.name), grace=1.0)
+
+    def store(self) -> StateStore:
+        """The world's state store: sqlite in its state dir, as its `changeover`
+        subprocesses (which get no CHANGEOVER_* variables but ours) use it."""
+        return open_store(None, self.state_dir)
 
     # --- the CLI, as an operator would run it --------------------------------------------
     def cli(
@@ -637,12 +642,11 @@ def _write_report(
     checks: list[dict[str, Any]],
 ) -> str:
     """The run's report with the rehearsal's load and checks, as HTML at `path`."""
-    run_id = _last_run_id(world)
-    conn = connect(world.state_dir)
+    store = world.store()
     try:
-        data = build_report(conn, run_id)
+        data = build_report(store, _last_run_id(world))
     finally:
-        conn.close()
+        store.close()
     if load is not None:
         attach_load(data, load, lost=lost, checks=checks, scenario=name)
     else:
@@ -651,15 +655,15 @@ def _write_report(
         path.write_text(render_html(redact(data)), encoding="utf-8")
     except OSError as exc:
         raise BadInput(f"--html {path}: cannot write the report: {exc.strerror}") from None
-    return run_id
+    return str(data["run_id"])
 
 
 def _last_run_id(world: World) -> str:
-    conn = connect(world.state_dir)
+    store = world.store()
     try:
-        row = conn.execute("SELECT id FROM runs ORDER BY created_at DESC LIMIT 1").fetchone()
+        last = store.runs(limit=1)
     finally:
-        conn.close()
-    if row is None:
+        store.close()
+    if not last:
         raise RuntimeError("no run was journaled")
-    return str(row["id"])
+    return last[0].id

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 from orchestrator.audit import load_baselines
 from orchestrator.engine import unfinished_barrier
 from orchestrator.errors import PreconditionFailed
-from orchestrator.journal import Journal, RunEvent, RunRecord, StepRecord
-from orchestrator.lock import LeaseLock, pid_alive
 from orchestrator.plan import Outcome
+from orchestrator.state import StateStore, as_store
+from orchestrator.state.base import RunEvent, RunRecord, StateUnavailable, StepRecord, pid_alive
 
 if TYPE_CHECKING:
     from orchestrator.load import LoadResult
@@ -101,24 +101,25 @@ def advice(rec: RunRecord, steps: list[StepRecord], *, holder_alive: bool, holde
 # --------------------------------------------------------------------------------------
 
 
-def build_report(conn: sqlite3.Connection, run_id: str) -> dict[str, Any]:
-    """The report of one run (by id or unique prefix), as JSON-ready data. Times are
-    seconds since the run was created (`t0` is that moment, in epoch seconds)."""
-    journal = Journal(conn, LeaseLock(conn))
+def build_report(state: StateStore | sqlite3.Connection, run_id: str) -> dict[str, Any]:
+    """The report of one run (by id or unique prefix), from a state store (or an open
+    SQLite connection), as JSON-ready data. Times are seconds since the run was created
+    (`t0` is that moment, in epoch seconds)."""
+    journal = as_store(state)
     rec = journal.get_run(run_id) or journal.find_run(run_id)
     if rec is None:
         raise PreconditionFailed(f"no run {run_id!r} in the journal")
     steps = journal.steps(rec.id)
     events = journal.events(rec.id)
-    holder = journal.lock.holder(rec.stack)
+    holder = journal.holder(rec.stack)
     alive = (
         holder is not None
-        and holder["run_id"] == rec.id
-        and holder["host"] == socket.gethostname()
-        and pid_alive(int(holder["pid"]))
+        and holder.run_id == rec.id
+        and holder.host == socket.gethostname()
+        and pid_alive(holder.pid)
     )
-    return _Builder(conn, rec, steps, events, alive=alive).build(
-        advice(rec, steps, holder_alive=alive, holder=holder)
+    return _Builder(journal, rec, steps, events, alive=alive).build(
+        advice(rec, steps, holder_alive=alive, holder=holder.to_dict() if holder else None)
     )
 
 
@@ -127,14 +128,14 @@ class _Builder:
 
     def __init__(
         self,
-        conn: sqlite3.Connection,
+        store: StateStore,
         rec: RunRecord,
         steps: list[StepRecord],
         events: list[RunEvent],
         *,
         alive: bool = False,
     ) -> None:
-        self.conn = conn
+        self.store = store
         self.alive = alive  # a live process still drives the run
         self.rec = rec
         self.steps = steps
@@ -448,8 +449,8 @@ class _Builder:
             for comp, v in (h.get("versions") or {}).items():
                 new_versions[comp].add(str(v))
         try:
-            baselines = load_baselines(self.conn, self.rec.stack, old)
-        except sqlite3.Error:
+            baselines = load_baselines(self.store, self.rec.stack, old)
+        except (sqlite3.Error, StateUnavailable):
             baselines = {}
         baselines = {k: b for k, b in baselines.items() if b.run_id != self.rec.id}
         old_versions: dict[str, set[str]] = defaultdict(set)
@@ -469,13 +470,10 @@ class _Builder:
             )
         drift = []
         for sid, b in sorted(baselines.items()):
-            audited = self.conn.execute(
-                "SELECT component, version, recorded_at FROM component_versions "
-                "WHERE stack=? AND server_id=? AND recorded_at>? AND recorded_at<=? "
-                "ORDER BY recorded_at",
-                (self.rec.stack, sid, b.recorded_at, self.rec.created_at),
-            ).fetchall()
-            latest = {row["component"]: (row["version"], row["recorded_at"]) for row in audited}
+            audited = self.store.versions(
+                self.rec.stack, sid, after=b.recorded_at, until=self.rec.created_at
+            )
+            latest = {v.component: (v.version, v.recorded_at) for v in audited}
             for comp, (version, at) in sorted(latest.items()):
                 if b.components.get(comp) != version:
                     drift.append(

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,8 +21,10 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     Strict,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -35,6 +39,9 @@ from pydantic_settings import (
 )
 
 from orchestrator.errors import BadInput, ConfigError
+from orchestrator.notify import EVENTS as NOTIFY_EVENTS
+from orchestrator.notify import check_events, check_header_env, check_webhook
+from orchestrator.state.url import DEFAULT_STATE, parse_state
 from orchestrator.windows import Window
 
 DEFAULT_CONFIG_FILE = "changeover.toml"
@@ -47,6 +54,14 @@ DEFAULT_MAX_SURGE = 1  # new servers at a time during rotate
 DEFAULT_MIN_HEALTHY_PCT = 100  # percent of the serving count that must keep serving
 DEFAULT_BOOT_TIMEOUT = 120.0  # seconds a new server may take to boot (and to verify)
 DEFAULT_DRAIN_TIMEOUT = 330.0  # seconds to drain; an ELB's default deregistration delay is 300
+# When a drain outlives drain_timeout: "fail" (the safe default) fails the step, so the run
+# rolls back with what it still waited on; "proceed" goes on and records what was cut.
+DEFAULT_ON_DRAIN_TIMEOUT: Literal["fail", "proceed"] = "fail"
+DEFAULT_HOOK_TIMEOUT = 60.0  # seconds a lifecycle hook may take, a webhook's holds included
+DEFAULT_HOOK_INTERVAL = 5.0  # seconds between asks while a webhook holds (or Retry-After)
+DEFAULT_CANARY_WATCH = 60.0  # seconds a rotate's canary serves, watched, before the rest
+DEFAULT_MAX_UNHEALTHY_PCT = 34  # percent of a run's new servers failing before it stops
+DEFAULT_GATE_TIMEOUT = 5.0  # seconds one request of an alarm gate may take
 
 
 ENV_PREFIX = "CHANGEOVER_"
@@ -212,6 +227,117 @@ class StrategyDefaults(_Strict):
     min_healthy: Int = Field(default=DEFAULT_MIN_HEALTHY_PCT, ge=0, le=100)
     boot_timeout: Float = Field(default=DEFAULT_BOOT_TIMEOUT, gt=0)
     drain_timeout: Float = Field(default=DEFAULT_DRAIN_TIMEOUT, gt=0)
+    on_drain_timeout: Literal["fail", "proceed"] = Field(
+        default=DEFAULT_ON_DRAIN_TIMEOUT,
+        description="at drain_timeout: 'fail' the step (the run rolls back), or 'proceed' "
+        "and record the requests still in flight",
+    )
+    canary: Int | None = Field(
+        default=None,
+        ge=0,
+        description="rotate: servers replaced first and watched; unset: 1 with "
+        "--only-if-needed, else 0 (no canary)",
+    )
+    canary_watch: Float = Field(
+        default=DEFAULT_CANARY_WATCH, ge=0, description="rotate: seconds the canary is watched"
+    )
+    max_unhealthy: Int = Field(
+        default=DEFAULT_MAX_UNHEALTHY_PCT,
+        ge=0,
+        le=100,
+        description="rotate: percent of the run's new servers that may fail before it stops",
+    )
+
+
+class Hook(_Strict):
+    """One lifecycle hook (orchestrator/hooks.py), run once per server:
+
+    - `command`: run on the machine running changeover, with CHANGEOVER_SERVER_ID,
+      _ROLE, _ADDRESS (and _PORT, CHANGEOVER_STACK, CHANGEOVER_RUN_ID, CHANGEOVER_HOOK)
+      in its environment. No shell: the string is split as a shell would (shlex); write
+      `sh -c '...'` to get one. Exit 0 passes; killed at `timeout`.
+    - `webhook`: a JSON POST (run, stack, hook, server). A 2xx passes; 409, 423 or a 2xx
+      answering {"hold": true} holds: asked again after Retry-After or `interval`
+      seconds, until `timeout`."""
+
+    command: str | list[str] | None = Field(
+        default=None, description="the command line, or its argv as a list"
+    )
+    webhook: str | None = Field(default=None, description="an http(s) URL")
+    timeout: Float = Field(
+        default=DEFAULT_HOOK_TIMEOUT, gt=0, description="seconds in all, holds included"
+    )
+    interval: Float | None = Field(
+        default=None, gt=0, description="webhook: seconds between asks while held (default 5)"
+    )
+
+    @field_validator("command")
+    @classmethod
+    def _check_command(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value is None:
+            return value
+        try:
+            argv = shlex.split(value) if isinstance(value, str) else value
+        except ValueError as exc:  # an unbalanced quote
+            raise ValueError(f"{value!r}: {exc}") from None
+        if not argv or not argv[0].strip():
+            raise ValueError("empty: name the command to run")
+        return value
+
+    @field_validator("webhook")
+    @classmethod
+    def _check_url(cls, url: str | None) -> str | None:
+        parts = urllib.parse.urlsplit(url or "")
+        if url is not None and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ValueError(f"{url!r}: expected an http:// or https:// URL")
+        return url
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Hook:
+        if (self.command is None) == (self.webhook is None):
+            raise ValueError("a hook is a `command` or a `webhook`, one of them")
+        if self.command is not None and self.interval is not None:
+            raise ValueError("`interval` is for a webhook's holds; a command holds by running")
+        return self
+
+    @property
+    def argv(self) -> list[str]:
+        """A command hook's argv."""
+        if isinstance(self.command, str):
+            return shlex.split(self.command)
+        return list(self.command or [])
+
+    @property
+    def hold_interval(self) -> float:
+        return DEFAULT_HOOK_INTERVAL if self.interval is None else self.interval
+
+
+class LifecycleHooks(_Strict):
+    """Commands or webhooks run per server at points of a run (orchestrator/hooks.py):
+    a failure (non-zero, a refusal, the timeout) fails the step, so the run rolls back.
+    A bare string or list is a command with the default timeout."""
+
+    pre_drain: Hook | None = Field(
+        default=None,
+        description="each server leaving service, out of every entry point, before its "
+        "requests in flight are waited for (rotate, rebuild's retirement, upgrade)",
+    )
+    pre_terminate: Hook | None = Field(
+        default=None,
+        description="each old server, before the first of them is destroyed (before the "
+        "point of no return: a failure still rolls back)",
+    )
+    post_cutover: Hook | None = Field(
+        default=None,
+        description="each new server, once it serves (rebuild's cutover, rotate's AddMembers)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _commands(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: {"command": v} if isinstance(v, str | list) else v for k, v in data.items()}
+        return data
 
 
 class MaintenanceWindows(_Strict):
@@ -236,6 +362,170 @@ class MaintenanceWindows(_Strict):
             except BadInput as exc:
                 raise ValueError(str(exc)) from None
         return specs
+
+
+class _GateBase(_Strict):
+    name: str | None = Field(
+        default=None, min_length=1, max_length=80, description="what reasons call the gate"
+    )
+    timeout: Float = Field(
+        default=DEFAULT_GATE_TIMEOUT, gt=0, le=60, description="seconds per request"
+    )
+
+
+def _check_gate_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r}: expected an http:// or https:// URL")
+    return url
+
+
+def _url_title(url: str) -> str:
+    """host:port/path of a URL: never its credentials or query (a token may hide there)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    return host + (f":{parts.port}" if parts.port else "") + (parts.path or "/")
+
+
+# `$.a.b.0.c` or `a.b.0.c`: keys and list indexes, dot-separated (orchestrator/gates.py).
+JSON_PATH_PATTERN = re.compile(r"\$?(\.?[A-Za-z0-9_-]+)(\.[A-Za-z0-9_-]+)*|\$")
+
+
+class HttpGate(_GateBase):
+    """An HTTP check: GET `http`, want `status`; with `json_path`, the JSON value there
+    must equal `equals` (without `equals`: be present and truthy)."""
+
+    http: str = Field(description="the URL to GET")
+    status: Int = Field(default=200, ge=100, le=599)
+    json_path: str | None = Field(default=None, description="a dotted path such as $.status")
+    equals: str | int | float | bool | None = None
+
+    @field_validator("http")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        return _check_gate_url(url)
+
+    @field_validator("json_path")
+    @classmethod
+    def _path(cls, path: str | None) -> str | None:
+        if path is not None and not JSON_PATH_PATTERN.fullmatch(path):
+            raise ValueError(f"{path!r}: use a dotted path of keys and indexes, like $.checks.0.ok")
+        return path
+
+    @model_validator(mode="after")
+    def _equals_needs_path(self) -> HttpGate:
+        if self.equals is not None and self.json_path is None:
+            raise ValueError("`equals` compares the value at `json_path`: set json_path too")
+        return self
+
+    @property
+    def title(self) -> str:
+        return self.name or f"http {_url_title(self.http)}"
+
+
+class PrometheusGate(_GateBase):
+    """A Prometheus query (`/api/v1/query`): every sample must stay within `min`..`max`."""
+
+    prometheus: str = Field(description="the server's base URL, e.g. http://prometheus:9090")
+    query: str = Field(min_length=1, description="PromQL, e.g. an error ratio")
+    max: Float | None = Field(default=None, description="fail when a sample is above it")
+    min: Float | None = Field(default=None, description="fail when a sample is below it")
+    on_empty: Literal["fail", "pass"] = Field(
+        default="fail", description="a result without samples: 'fail' (no data) or 'pass'"
+    )
+
+    @field_validator("prometheus")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        return _check_gate_url(url)
+
+    @model_validator(mode="after")
+    def _a_threshold(self) -> PrometheusGate:
+        if self.max is None and self.min is None:
+            raise ValueError("a prometheus gate needs a threshold: `max`, `min` or both")
+        return self
+
+    @property
+    def title(self) -> str:
+        query = self.query if len(self.query) <= 60 else self.query[:57] + "..."
+        return self.name or f"prometheus {query}"
+
+
+class CloudWatchGate(_GateBase):
+    """A CloudWatch alarm (DescribeAlarms): ALARM fails; OK and INSUFFICIENT_DATA pass."""
+
+    cloudwatch_alarm: str = Field(min_length=1, max_length=255, description="the alarm's name")
+    region: str | None = Field(default=None, description="default: the stack's region")
+    endpoint_url: str | None = Field(default=None, description="default: the stack's")
+
+    @property
+    def title(self) -> str:
+        return self.name or f"cloudwatch alarm {self.cloudwatch_alarm}"
+
+
+_GATE_KINDS = {"http": HttpGate, "prometheus": PrometheusGate, "cloudwatch_alarm": CloudWatchGate}
+
+
+def _gate_kind(value: Any) -> str | None:
+    """Which kind a gate is: the one of `http`, `prometheus`, `cloudwatch_alarm` it sets."""
+    if isinstance(value, dict):
+        kinds = [k for k in _GATE_KINDS if k in value]
+        return kinds[0] if len(kinds) == 1 else None
+    return next((k for k, model in _GATE_KINDS.items() if isinstance(value, model)), None)
+
+
+# One alarm gate (orchestrator/gates.py evaluates them during a bake or a canary watch).
+Gate = Annotated[
+    Annotated[HttpGate, Tag("http")]
+    | Annotated[PrometheusGate, Tag("prometheus")]
+    | Annotated[CloudWatchGate, Tag("cloudwatch_alarm")],
+    Discriminator(
+        _gate_kind,
+        custom_error_type="gate_kind",
+        custom_error_message="a gate sets exactly one of http, prometheus, cloudwatch_alarm",
+    ),
+]
+
+
+class Notification(_Strict):
+    """A webhook told about runs (orchestrator/notify.py): a JSON POST per event it
+    lists. Secrets stay out of this file: `webhook_env` and `headers_env` name the
+    environment variables that hold them."""
+
+    webhook: str | None = Field(default=None, description="the http(s) URL to POST to")
+    webhook_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
+        description="the environment variable holding the URL (when the URL is a secret)",
+    )
+    events: list[str] = Field(
+        default_factory=lambda: list(NOTIFY_EVENTS), description="default: every event"
+    )
+    headers_env: dict[str, str] = Field(
+        default_factory=dict,
+        description="header name -> the environment variable holding its value (a token)",
+    )
+
+    @field_validator("webhook")
+    @classmethod
+    def _check_webhook(cls, url: str | None) -> str | None:
+        return None if url is None else check_webhook(url)
+
+    @field_validator("events")
+    @classmethod
+    def _check_events(cls, names: list[str]) -> list[str]:
+        return check_events(names)
+
+    @field_validator("headers_env")
+    @classmethod
+    def _check_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        return check_header_env(headers)
+
+    @model_validator(mode="after")
+    def _one_url(self) -> Notification:
+        if (self.webhook is None) == (self.webhook_env is None):
+            raise ValueError("set `webhook` (a URL) or `webhook_env` (a variable's name), one")
+        return self
 
 
 class LibcloudOptions(_Strict):
@@ -328,6 +618,11 @@ class StaticHost(_Strict):
         min_length=1,
         description="the shell command that reboots this host, run over SSH as its user "
         "(default: `systemctl reboot || shutdown -r now`)",
+    )
+    do_not_disrupt: Bool = Field(
+        default=False,
+        description="opted out: `upgrade` never selects this host (the static spelling of "
+        "the changeover:do-not-disrupt tag)",
     )
 
     @field_validator("id")
@@ -425,6 +720,17 @@ class StackConfig(_Strict):
         default=SecurityPolicy(), description="the security policy fresh servers follow"
     )
     windows: MaintenanceWindows = MaintenanceWindows()
+    gates: list[Gate] = Field(
+        default_factory=list,
+        description="alarm gates checked during a bake and a canary watch: http, "
+        "prometheus or cloudwatch_alarm",
+    )
+    hooks: LifecycleHooks = Field(
+        default=LifecycleHooks(), description="pre_drain, pre_terminate, post_cutover"
+    )
+    notify: list[Notification] = Field(
+        default_factory=list, description="webhooks told when runs start, cut over and end"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -552,6 +858,9 @@ class Settings(BaseSettings):
     )
 
     state_dir: Path = DEFAULT_STATE_DIR
+    # Where the journal, the leases and the recorded versions live (orchestrator/state):
+    # "sqlite" (changeover.db in the state dir) or "dynamodb://TABLE?region=REGION".
+    state: str = DEFAULT_STATE
     output: Literal["text", "json"] = "text"
     log_format: Literal["console", "json"] = "console"
     verbose: Int = Field(default=0, ge=0)
@@ -566,6 +875,15 @@ class Settings(BaseSettings):
     # moves that far each time a step ends (orchestrator.windows.SteppedClock).
     test_clock: str | None = None
     lock_ttl: Float = Field(default=60.0, gt=1)
+    notify: list[Notification] = Field(
+        default_factory=list, description="webhooks told about the runs of every stack"
+    )
+
+    @field_validator("state")
+    @classmethod
+    def _check_state(cls, value: str) -> str:
+        parse_state(value)  # one line that names the problem, never the value
+        return value.strip()
 
     @field_validator("stacks")
     @classmethod

@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from orchestrator.errors import ConfigError
-from orchestrator.models import TAG_GENERATION, TAG_ROLE, TAG_RUN, TAG_STACK, TAG_TOKEN
+from orchestrator.models import (
+    TAG_DO_NOT_DISRUPT,
+    TAG_GENERATION,
+    TAG_ROLE,
+    TAG_RUN,
+    TAG_STACK,
+    TAG_TOKEN,
+)
 
 OwnershipStyle = Literal["tags", "metadata", "gce-metadata", "string-tags", "description", "name"]
 
@@ -154,7 +161,32 @@ class Ownership:
             tags = self._from_name(str(node.name or ""))
         if TAG_STACK not in tags:
             return None
-        return {k: tags[k] for k in OWNERSHIP_KEYS if k in tags}
+        out = {k: tags[k] for k in OWNERSHIP_KEYS if k in tags}
+        if (opted := self._opt_out(extra)) is not None:
+            out[TAG_DO_NOT_DISRUPT] = opted
+        return out
+
+    def _opt_out(self, extra: dict[str, Any]) -> str | None:
+        """The operator's changeover:do-not-disrupt, where this driver keeps tags: the
+        node's tags or metadata, a GCE metadata item or label `changeover-do-not-disrupt`,
+        a DigitalOcean or Equinix tag `changeover:do-not-disrupt` (bare, or `:VALUE`).
+        None when absent; a node named by the fallback cannot carry it."""
+        if self.style in ("tags", "metadata"):
+            source = extra.get("tags" if self.style == "tags" else "metadata") or {}
+            value = source.get(TAG_DO_NOT_DISRUPT)
+            return None if value is None else str(value)
+        if self.style == "gce-metadata":
+            items = (extra.get("metadata") or {}).get("items") or []
+            raw = {str(i.get("key")): str(i.get("value")) for i in items}
+            raw.update({str(k): str(v) for k, v in (extra.get("labels") or {}).items()})
+            return raw.get(_gce_key(TAG_DO_NOT_DISRUPT))
+        if self.style in ("string-tags", "description"):
+            for item in map(str, extra.get("tags") or []):
+                if item == TAG_DO_NOT_DISRUPT:
+                    return ""
+                if item.startswith(TAG_DO_NOT_DISRUPT + ":"):
+                    return item[len(TAG_DO_NOT_DISRUPT) + 1 :]
+        return None
 
     def _from_string_tags(self, values: list[str]) -> dict[str, str]:
         tags: dict[str, str] = {}

@@ -38,7 +38,14 @@ from orchestrator.errors import (
     TransientError,
 )
 from orchestrator.hygiene import parse_apt_list_upgradable, parse_reboot_required
-from orchestrator.models import TAG_ROLE, TAG_STACK, DataSummary, HealthReport, Server
+from orchestrator.models import (
+    TAG_DO_NOT_DISRUPT,
+    TAG_ROLE,
+    TAG_STACK,
+    DataSummary,
+    HealthReport,
+    Server,
+)
 from orchestrator.settings import HealthCheck, HygienePolicy, StackConfig, StaticHost
 from providers.transport import CommandResult, Transport, TransportUnavailable
 
@@ -156,7 +163,11 @@ class StaticProvider:
             state="running",
             host=host.address,
             port=host.port,
-            tags={TAG_STACK: self.stack, TAG_ROLE: host.role},
+            tags={
+                TAG_STACK: self.stack,
+                TAG_ROLE: host.role,
+                **({TAG_DO_NOT_DISRUPT: "true"} if host.do_not_disrupt else {}),
+            },
         )
 
     def _by_id(self, stack: str, server_id: str) -> Server:

@@ -13,8 +13,11 @@ from pathlib import Path
 from orchestrator.facts import judge_recorded, recorded_facts
 from orchestrator.plan import Plan, Step
 from orchestrator.settings import StackConfig
+from orchestrator.state import StateStore
 from providers.base import Provider
 from strategies.base import check_replace, inspect_stack
+from strategies.canary import WatchCanary
+from strategies.opt_out import opted_out
 from strategies.steps import (
     AddMembers,
     CreateServers,
@@ -24,6 +27,7 @@ from strategies.steps import (
     VerifyServers,
     WaitRunning,
 )
+from strategies.stop import CheckStopConditions
 
 
 def plan_rotate(
@@ -38,6 +42,10 @@ def plan_rotate(
     now: float | None = None,
     live: bool = False,
     state_dir: Path | None = None,
+    store: StateStore | None = None,
+    canary: int | None = None,
+    canary_watch: float | None = None,
+    max_unhealthy: int | None = None,
 ) -> Plan:
     """Compose the rotate plan. `older_than` is in seconds; `only_if_needed` also picks
     servers whose hygiene fails (pending upgrades, reboot required) and makes an empty
@@ -46,8 +54,13 @@ def plan_rotate(
     How `only_if_needed` decides: with `live` (a real run) it runs the health gate on
     each serving server now (on aws, SSM commands: mutating calls). Without it (`plan`,
     `--dry-run`: only read calls, I8) it judges the facts the last audit or verification
-    recorded in `state_dir`, stating their age; a server with none is listed under
-    `needs_verification`, not selected, and a real run verifies it live."""
+    recorded in `store` (or `state_dir`), stating their age; a server with none is listed under
+    `needs_verification`, not selected, and a real run verifies it live.
+
+    `canary` servers are replaced first, as batch 1, and watched for `canary_watch`
+    seconds before anything else (strategies/canary.py); unset, the stack's default, or
+    1 with `only_if_needed` (an unattended job's form), else none. Every batch starts with
+    `CheckStopConditions#n` (`max_unhealthy`, min-healthy: strategies/stop.py)."""
     check_replace(provider, name)
     view = inspect_stack(provider, name, config)
     surge = max_surge or config.defaults.max_surge
@@ -59,18 +72,23 @@ def plan_rotate(
     members = set(view.members)
     serving = [s for s in view.role(role) if s.id in members]
 
-    chosen = serving
+    # Opted out (tagged changeover:do-not-disrupt): never selected, by any selection,
+    # and never asked for their hygiene. They keep serving and count toward min-healthy.
+    skipped = opted_out(serving)
+    candidates = [s for s in serving if s.id not in skipped]
+    chosen = candidates
     reasons: dict[str, str] = {}
     unverified: dict[str, str] = {}  # no recorded facts: a real run verifies them live
     not_needed: dict[str, str] = {}
     if older_than is not None or only_if_needed:
+        source = store or state_dir  # the state store, or the sqlite one of a state dir
         recorded = (
-            recorded_facts(state_dir, name, [s.id for s in serving])
-            if only_if_needed and not live and state_dir is not None
+            recorded_facts(source, name, [s.id for s in candidates])
+            if only_if_needed and not live and source is not None
             else {}
         )
         chosen = []
-        for s in serving:
+        for s in candidates:
             if older_than is not None and now - s.created_at > older_than:
                 reasons[s.id] = f"older than {older_than:.0f}s"
             elif only_if_needed and live:
@@ -88,12 +106,31 @@ def plan_rotate(
             if s.id in reasons:
                 chosen.append(s)
 
+    d = config.defaults
+    canaries = canary if canary is not None else d.canary
+    canaries = min(canaries if canaries is not None else int(only_if_needed), len(chosen))
+    watch = d.canary_watch if canary_watch is None else canary_watch
+    unhealthy_pct = d.max_unhealthy if max_unhealthy is None else max_unhealthy
+    # The canary batch first (its own size, whatever the surge), then batches of max_surge.
+    bounds = [0, *range(canaries, len(chosen), surge)] if canaries else []
+    bounds = bounds or list(range(0, len(chosen), surge))
     steps: list[Step] = []
-    for n, start in enumerate(range(0, len(chosen), surge), start=1):
-        batch = [s.id for s in chosen[start : start + surge]]
+    for n, start in enumerate(bounds, start=1):
+        end = bounds[n] if n < len(bounds) else len(chosen)
+        batch = [s.id for s in chosen[start:end]]
         create = f"CreateServers#{n}"
         link = {"db": db.id} if db is not None else {}
         steps += [
+            CheckStopConditions(
+                key=f"CheckStopConditions#{n}",
+                batch=n,
+                role=role,
+                replacing=batch,
+                count=len(batch),
+                total=len(serving),
+                min_healthy=healthy_pct,
+                max_unhealthy=unhealthy_pct,
+            ),
             CreateServers(key=create, role=role, generation=gen, count=len(batch), **link),
             WaitRunning(
                 key=f"WaitRunning#{n}", sources=[create], timeout=config.defaults.boot_timeout
@@ -116,8 +153,15 @@ def plan_rotate(
                 total=len(serving),
             ),
             DrainServers(key=f"DrainServers#{n}", ids=batch, role=role),
-            DestroyServers(key=f"DestroyServers#{n}", ids=batch),
         ]
+        if n == 1 and canaries:
+            # Before the destroy: a failed watch still puts the old servers back.
+            steps.append(
+                WatchCanary(
+                    key="WatchCanary#1", sources=[create], role=role, seconds=watch, replacing=batch
+                )
+            )
+        steps.append(DestroyServers(key=f"DestroyServers#{n}", ids=batch))
     return Plan(
         strategy="rotate",
         stack=name,
@@ -128,6 +172,9 @@ def plan_rotate(
             "older_than": older_than,
             "only_if_needed": only_if_needed,
             "live": live,
+            "canary": canaries,
+            "canary_watch": watch,
+            "max_unhealthy": unhealthy_pct,
         },
         summary={
             "generation_before": view.generation,
@@ -135,6 +182,12 @@ def plan_rotate(
             "members_before": sorted(view.members),
             "entry_points_before": view.entry_members,
             "selected": {s.id: reasons.get(s.id, "all serving servers") for s in chosen},
+            "skipped": skipped,
+            **(
+                {"canary": {"replacing": [s.id for s in chosen[:canaries]], "watch": watch}}
+                if canaries
+                else {}
+            ),
             **(
                 {"needs_verification": unverified, "not_needed": not_needed}
                 if only_if_needed

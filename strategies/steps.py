@@ -12,7 +12,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from orchestrator import events
+from orchestrator import events, hooks
 from orchestrator.errors import (
     GuardRefused,
     ResourceGone,
@@ -23,13 +23,15 @@ from orchestrator.errors import (
 from orchestrator.models import TAG_TOKEN, Server
 from orchestrator.plan import NO_RETRY, RetryPolicy, RunContext, Step, StepResult
 from orchestrator.waits import some
+from strategies.drain import TIMED_OUT
+from strategies.drain import drain as _drain
+from strategies.watch import watch_through
 
 # Address changes wait for the cloud (an ELB marks targets healthy after its checks pass,
 # typically 30 s to a few minutes), so they retry patiently rather than fail the run.
 # Polls back off exponentially up to POLL_CAP: a cap bounds both the overshoot past the
 # moment a wait is over (fleet time) and the number of describe calls (API economy).
 POLL_CAP = 3.0
-DRAIN_POLL_MIN, DRAIN_POLL_MAX = 0.05, POLL_CAP  # seconds between in-flight reads while draining
 ADDRESS_RETRY = RetryPolicy(
     attempts=1_000, deadline=600.0, backoff_initial=0.25, backoff_max=POLL_CAP
 )
@@ -320,11 +322,16 @@ class RepointAddress(Step):
             ctx.provider.set_members(ctx.stack, address, want)
             ctx.log.info(events.CUTOVER_DONE, address=address, members=want)
             moved.append(address)
+        # Each new server serves now: its post_cutover hook (once, also on a resume).
+        ran = hooks.run_hooks(ctx, "post_cutover", _union(targets.values()))
         if not moved:
             reason = "every entry point already routes to the new servers"
             ctx.log.info(events.CUTOVER_SKIPPED, reason=reason)
-            return StepResult({"members": targets}, noop=reason)
-        return StepResult({"members": targets, "previous": before, "moved": moved})
+            return StepResult(
+                {"members": targets, **hooks.outputs(ctx)}, noop=None if ran else reason
+            )
+        out = {"members": targets, "previous": before, "moved": moved}
+        return StepResult({**out, **hooks.outputs(ctx)})
 
     def undo(self, ctx: RunContext) -> StepResult:
         """Point every entry point back, then wait until the servers leaving them have
@@ -385,7 +392,8 @@ class VerifyAddress(Step):
 
 
 class Bake(Step):
-    """Keep checking through every entry point for `seconds`; a failure rolls back."""
+    """Keep checking through every entry point for `seconds`, and the stack's alarm
+    gates (orchestrator/gates.py) every few seconds; a failure rolls back."""
 
     name = "Bake"
     retry = NO_RETRY
@@ -396,29 +404,24 @@ class Bake(Step):
             return StepResult(noop="bake time is 0")
         targets = entry_targets(ctx, self.params)
         expect = _union(targets.values())
-        interval = min(1.0, max(seconds / 5, 0.1))
-        end = ctx.clock() + seconds
-        checks = 0
-        with ctx.waiting(f"bake through {', '.join(targets)}", duration=seconds) as waiting:
-            while True:
-                checks += 1
-                found = servers_by_id(ctx, expect)
-                down = [i for i in expect if i not in found or found[i].state != "running"]
-                for address, members in targets.items():
-                    path = _health_path(ctx, address)
-                    status, backend = ctx.provider.probe_address(ctx.stack, address, path)
-                    ctx.log.debug(events.BAKE_CHECK, status=status, backend=backend, down=down)
-                    if status != 200 or backend not in members or down:
-                        ctx.log.error(events.BAKE_FAILED, status=status, backend=backend, down=down)
-                        raise VerificationFailed(
-                            f"bake failed after {checks} checks: HTTP {status} from {backend} "
-                            f"through {address}"
-                            + (f"; servers down: {', '.join(down)}" if down else "")
-                        )
-                waiting.update(f"{checks} check(s) passed")
-                if ctx.clock() >= end:
-                    return StepResult({"checks": checks})
-                ctx.wait(min(interval, max(end - ctx.clock(), 0)))
+
+        def probe(checks: int) -> None:
+            found = servers_by_id(ctx, expect)
+            down = [i for i in expect if i not in found or found[i].state != "running"]
+            for address, members in targets.items():
+                path = _health_path(ctx, address)
+                status, backend = ctx.provider.probe_address(ctx.stack, address, path)
+                ctx.log.debug(events.BAKE_CHECK, status=status, backend=backend, down=down)
+                if status != 200 or backend not in members or down:
+                    ctx.log.error(events.BAKE_FAILED, status=status, backend=backend, down=down)
+                    raise VerificationFailed(
+                        f"bake failed after {checks} checks: HTTP {status} from {backend} "
+                        f"through {address}"
+                        + (f"; servers down: {', '.join(down)}" if down else "")
+                    )
+
+        what = f"bake through {', '.join(targets)}"
+        return StepResult(watch_through(ctx, what=what, label="bake", seconds=seconds, probe=probe))
 
 
 class RemoveMembers(Step):
@@ -506,9 +509,14 @@ class AddMembers(Step):
             previous[address] = current
             if new:
                 added[address] = new
+        # The new servers serve now: their post_cutover hook (once, also on a resume).
+        ran = hooks.run_hooks(ctx, "post_cutover", ids)
         if not added:
-            return StepResult({"added": {}}, noop="servers already behind every entry point")
-        return StepResult({"added": added, "previous": previous})
+            return StepResult(
+                {"added": {}, **hooks.outputs(ctx)},
+                noop=None if ran else "servers already behind every entry point",
+            )
+        return StepResult({"added": added, "previous": previous, **hooks.outputs(ctx)})
 
     def undo(self, ctx: RunContext) -> StepResult:
         ids = set(ids_from(ctx, self.params))
@@ -541,38 +549,6 @@ def _running(ctx: RunContext, ids: list[str]) -> list[str]:
     return [i for i in ids if i in found and found[i].state == "running"]
 
 
-def _inflight(ctx: RunContext, ids: list[str]) -> dict[str, int]:
-    """Requests in flight to these servers, over every entry point."""
-    want = set(ids)
-    busy: dict[str, int] = {}
-    for ep in ctx.config.entry_points:
-        for i, n in ctx.provider.inflight(ctx.stack, ep.name).items():
-            if i in want and n > 0:
-                busy[i] = busy.get(i, 0) + n
-    return busy
-
-
-def _drain(ctx: RunContext, ids: list[str]) -> None:
-    if not ids:
-        return
-    timeout = ctx.config.defaults.drain_timeout
-    end = ctx.clock() + timeout
-    interval = DRAIN_POLL_MIN
-    busy = _inflight(ctx, ids)
-    if not busy:
-        return
-    with ctx.waiting(f"drain of {some(ids)}", deadline=timeout) as waiting:
-        while busy:
-            if ctx.clock() >= end:
-                raise StepFailed(f"servers did not drain within {timeout:.0f}s: {busy}")
-            waiting.update(f"{sum(busy.values())} request(s) in flight")
-            ctx.log.debug(events.DRAIN_WAIT, busy=busy)
-            # Local requests drain in milliseconds, an ELB in minutes: poll fast, then less.
-            ctx.wait(min(interval, max(end - ctx.clock(), 0.0)))
-            interval = min(interval * 2, DRAIN_POLL_MAX)
-            busy = _inflight(ctx, ids)
-
-
 def guard_destroy(ctx: RunContext, ids: list[str]) -> None:
     """I2 from the cloud's own view, right before a destroy: no server that still receives
     traffic (an entry point of the stack, or any elastic IP in the account, even one the
@@ -597,8 +573,10 @@ class DrainServers(Step):
         for address in _serving(ctx, role):
             if serving := set(ctx.provider.get_members(ctx.stack, address)) & set(ids):
                 raise GuardRefused(f"cannot drain servers still behind {address}: {serving}")
-        _drain(ctx, ids)
-        return StepResult({"drained": ids})
+        hooks.run_hooks(ctx, "pre_drain", ids)
+        cut = _drain(ctx, ids, on_timeout=ctx.config.defaults.on_drain_timeout)
+        out = {"drained": ids, **hooks.outputs(ctx)}
+        return StepResult({**out, TIMED_OUT: cut} if cut else out)
 
 
 class DestroyServers(Step):
@@ -615,12 +593,24 @@ class DestroyServers(Step):
                 raise TransientError(f"data server {server_id} still has writes in flight")
         alive = [s.id for s in servers_by_id(ctx, ids).values() if s.state != "terminated"]
         if not alive:
-            return StepResult({"destroyed": []}, noop="servers already destroyed")
+            gone = "servers already destroyed"
+            return StepResult({"destroyed": [], **hooks.outputs(ctx)}, noop=gone)
+        if not _crossed(ctx):
+            # Before the first destroy call, so before the point of no return: a hook
+            # that fails still rolls the run back with every old server in place.
+            hooks.run_hooks(ctx, "pre_terminate", alive)
         guard_destroy(ctx, alive)
         destroyed = ctx.provider.destroy_servers(ctx.stack, alive)
         if not destroyed:
-            return StepResult({"destroyed": []}, noop="servers already destroyed")
-        return StepResult({"destroyed": destroyed})
+            gone = "servers already destroyed"
+            return StepResult({"destroyed": [], **hooks.outputs(ctx)}, noop=gone)
+        return StepResult({"destroyed": destroyed, **hooks.outputs(ctx)})
+
+
+def _crossed(ctx: RunContext) -> bool:
+    """Did an earlier attempt of this irreversible step cross its point of no return?
+    Every hook of such a step ran (and passed) before it: none runs again."""
+    return ctx.marks.get("point_of_no_return") is not None
 
 
 class RetireServers(Step):
@@ -640,6 +630,11 @@ class RetireServers(Step):
         if (retain := float(self.params.get("retain", 0))) > 0:
             with ctx.waiting(f"retain of {some(alive)} before retiring", duration=retain):
                 ctx.wait(retain)
-        _drain(ctx, alive)
+        if not _crossed(ctx):  # past it, every server's hooks passed (before a destroy)
+            hooks.run_hooks(ctx, "pre_drain", alive)
+        cut = _drain(ctx, alive, on_timeout=ctx.config.defaults.on_drain_timeout)
         destroy = DestroyServers(key=self.key, ids=alive, data_ids=self.params.get("data_ids", []))
-        return destroy.do(ctx)
+        result = destroy.do(ctx)
+        if cut:
+            result.outputs[TIMED_OUT] = cut
+        return result

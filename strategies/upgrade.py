@@ -11,7 +11,9 @@ that some entry point holds, drained out of it. A serving role that no entry poi
 (every role of a static stack) has nothing to drain: its running servers are taken in
 batches all the same, min-healthy counts them, and the Drain/Return steps are no-ops
 that say why, while VerifyUpgraded gates each server as usual. The data role is not
-upgraded (`rebuild` replaces it); `summary.not_upgraded` lists it with the reason.
+upgraded (`rebuild` replaces it); `summary.not_upgraded` lists it with the reason. A
+server tagged changeover:do-not-disrupt is not upgraded either (strategies/opt_out.py):
+`summary.skipped` lists it, and it counts toward min-healthy as it keeps serving.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from orchestrator.plan import Plan, Step
 from orchestrator.settings import StackConfig
 from providers.base import Provider
 from strategies.base import inspect_stack
+from strategies.opt_out import opted_out
 from strategies.upgrade_steps import (
     REBOOT_MODES,
     DrainForUpgrade,
@@ -93,6 +96,7 @@ def plan_upgrade(
     pct = config.defaults.min_healthy if min_healthy is None else min_healthy
     steps: list[Step] = []
     batches: list[list[str]] = []
+    skipped: dict[str, str] = {}
     for role in config.serving_roles:
         eps = [ep.name for ep in config.entry_points if role in ep.roles]
         if single := [e for e in eps if provider.address_capacity(name, e) == 1]:
@@ -106,9 +110,16 @@ def plan_upgrade(
             serving = [s.id for s in view.role(role) if s.id in members]
         else:  # no entry point names it (a static stack): its running servers serve
             serving = [s.id for s in view.role(role) if s.state == "running"]
-        _check_min_healthy(name, role, serving, size, pct, routed=bool(eps))
-        for start in range(0, len(serving), size):
-            ids = serving[start : start + size]
+        # Opted out (tagged changeover:do-not-disrupt): never upgraded. They keep
+        # serving, so they count toward min-healthy like every serving server.
+        in_service = set(serving)
+        opted = opted_out(s for s in view.role(role) if s.id in in_service)
+        skipped.update(opted)
+        eligible = [i for i in serving if i not in opted]
+        if eligible:
+            _check_min_healthy(name, role, serving, min(size, len(eligible)), pct, routed=bool(eps))
+        for start in range(0, len(eligible), size):
+            ids = eligible[start : start + size]
             n = len(batches) + 1
             batches.append(ids)
             upgrade = f"UpgradePackages#{n}"
@@ -166,5 +177,6 @@ def plan_upgrade(
             "entry_points_before": view.entry_members,
             "batches": batches,
             "not_upgraded": not_upgraded,
+            "skipped": skipped,
         },
     )

@@ -32,15 +32,16 @@ import math
 from dataclasses import replace
 from typing import Any
 
+from orchestrator import hooks
 from orchestrator.errors import GuardRefused, TransientError
 from orchestrator.plan import RetryPolicy, RunContext, Step, StepResult
 from orchestrator.waits import some
+from strategies.drain import TIMED_OUT, drain
 from strategies.steps import (
     ADDRESS_RETRY,
     POLL_CAP,
     PROBES_PER_MEMBER,
     VerifyServers,
-    _drain,
     _guard_verified,
     _health_path,
     _serving,
@@ -109,8 +110,12 @@ class DrainForUpgrade(_BatchStep):
         role = _role(ctx, self.params)
         if not _serving(ctx, role):
             self._check_running(ctx, role, ids)
+            # Nothing routes to them here, but whatever does (your own load balancer)
+            # may take them out in a pre_drain hook.
+            ran = hooks.run_hooks(ctx, "pre_drain", ids)
             return StepResult(
-                {"removed": {}, "drained": []}, noop=f"nothing to drain: {_unrouted(role)}"
+                {"removed": {}, "drained": [], **hooks.outputs(ctx)},
+                noop=None if ran else f"nothing to drain: {_unrouted(role)}",
             )
         removed: dict[str, list[str]] = {}
         for address in _serving(ctx, role):
@@ -128,12 +133,15 @@ class DrainForUpgrade(_BatchStep):
                 )
             ctx.provider.set_members(ctx.stack, address, remaining)
             removed[address] = sorted(set(ids) & set(current))
-        _drain(ctx, ids)  # a resumed step may have been killed mid-drain
+        ran = hooks.run_hooks(ctx, "pre_drain", ids)
+        # A resumed step may have been killed mid-drain: it drains again.
+        cut = drain(ctx, ids, on_timeout=ctx.config.defaults.on_drain_timeout)
+        out = {"drained": ids, **hooks.outputs(ctx), **({TIMED_OUT: cut} if cut else {})}
         if not removed:
             return StepResult(
-                {"removed": {}, "drained": ids}, noop="already out of every entry point"
+                {"removed": {}, **out}, noop=None if ran else "already out of every entry point"
             )
-        return StepResult({"removed": removed, "drained": ids})
+        return StepResult({"removed": removed, **out})
 
     def _check_running(self, ctx: RunContext, role: str, ids: list[str]) -> None:
         """A role nothing routes to: at least min-healthy percent of its servers must

@@ -121,8 +121,9 @@ def with_windows(
     return out
 
 
-# The first step of each batch, by campaign strategy.
-BATCH_STARTS = {"upgrade": "DrainForUpgrade#", "rotate": "CreateServers#"}
+# The first step of each batch, by campaign strategy (a rotate batch first checks its
+# stop conditions: after the gate, so a campaign continued later checks them then).
+BATCH_STARTS = {"upgrade": "DrainForUpgrade#", "rotate": "CheckStopConditions#"}
 
 
 def windowed(plan: Plan, windows: list[str], estimate: float) -> Plan:

@@ -15,7 +15,7 @@ from tests.invariants import (
 )
 
 REBUILD_STEPS = 12  # 2 CreateServers, WaitRunning, VerifyServers, 4 data, 4 cutover/bake/retire
-ROTATE_STEPS = 14  # 2 batches of 7 (surge 1 over 2 web servers)
+ROTATE_STEPS = 16  # 2 batches of 8 (surge 1 over 2 web servers)
 RETIRE_STEP = 12
 
 
@@ -101,7 +101,7 @@ def test_rotate_kill_then_resume_or_rollback(
         assert proc.returncode == 1, proc.stderr[-2000:]
         # Rollback undoes the unfinished batch; a batch whose old server was destroyed
         # stays replaced (destroy is irreversible), so 0 or 1 servers are new.
-        batches_done = step // 7
+        batches_done = step // (ROTATE_STEPS // 2)
         new = [m for m in members if live[m]["generation"] == 2]
         assert len(new) == batches_done
     assert len(members) == 2, "serving count changed"

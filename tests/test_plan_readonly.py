@@ -259,7 +259,8 @@ def test_cli_plan_rotate_only_if_needed_is_read_only(
     assert summary["selected"][stale].endswith("(facts from audit 2h ago)")
     assert summary["not_needed"] == {clean: "passes hygiene (facts from audit 2h ago)"}
     assert summary["needs_verification"] == {}
-    assert [s["name"] for s in out["plan"]["steps"]][:3] == [
+    assert [s["name"] for s in out["plan"]["steps"]][:4] == [
+        "CheckStopConditions",
         "CreateServers",
         "WaitRunning",
         "VerifyServers",

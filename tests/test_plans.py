@@ -46,11 +46,12 @@ def test_rebuild_without_data_migration_keeps_the_db(world: World) -> None:
 
 
 def test_rotate_plan_batches_by_max_surge(make_world: Callable[..., World]) -> None:
-    """Rotate 4 servers with surge 2: two batches, each add-before-remove, destroy last."""
+    """Rotate 4 servers with surge 2: two batches, each checking its stop conditions
+    first, add-before-remove, destroy last."""
     world = make_world(roles={"db": {"count": 1, "data": True}, "web": {"count": 4}})
     plan = plan_rotate(LocalProvider(world.cloud), "demo", world.config, max_surge=2)
-    per_batch = ["CreateServers", "WaitRunning", "VerifyServers", "AddMembers",
-                 "RemoveMembers", "DrainServers", "DestroyServers"]  # fmt: skip
+    per_batch = ["CheckStopConditions", "CreateServers", "WaitRunning", "VerifyServers",
+                 "AddMembers", "RemoveMembers", "DrainServers", "DestroyServers"]  # fmt: skip
     assert keys(plan) == [f"{k}#{n}" for n in (1, 2) for k in per_batch]
     removed = [s.params["ids"] for s in plan.steps if s.name == "RemoveMembers"]
     assert [len(b) for b in removed] == [2, 2]

@@ -62,6 +62,11 @@ CREATE TABLE IF NOT EXISTS faults (
     id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, op TEXT, remaining INTEGER
     NOT NULL, value_json TEXT NOT NULL
 );
+-- Tags an operator sets on a server (changeover:do-not-disrupt), beside the ownership ones.
+CREATE TABLE IF NOT EXISTS server_tags (
+    server_id TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+    PRIMARY KEY (server_id, key)
+);
 CREATE TABLE IF NOT EXISTS calls (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, pid INTEGER NOT NULL,
     op TEXT NOT NULL, mutating INTEGER NOT NULL, detail TEXT
@@ -268,6 +273,7 @@ class LocalCloud:
             port=port,
             created_at=row["created_at"],
             tags={
+                **self.server_tags(row["id"]),
                 TAG_STACK: row["stack"],
                 TAG_ROLE: row["role"],
                 TAG_GENERATION: str(row["generation"]),
@@ -275,6 +281,29 @@ class LocalCloud:
                 TAG_TOKEN: row["idem_key"] or "",
             },
         )
+
+    def server_tags(self, server_id: str) -> dict[str, str]:
+        """The tags an operator set on a server (the ownership tags are its row's)."""
+        rows = self._db().execute(
+            "SELECT key, value FROM server_tags WHERE server_id=? ORDER BY key", (server_id,)
+        )
+        return {r["key"]: r["value"] for r in rows}
+
+    def tag_server(self, server_id: str, key: str, value: str = "true") -> None:
+        """Set a tag on a server, as an operator would in a cloud's console (for example
+        TAG_DO_NOT_DISRUPT). The ownership tags are not the operator's to change."""
+        if key in (TAG_STACK, TAG_ROLE, TAG_GENERATION, TAG_RUN, TAG_TOKEN):
+            raise ValueError(f"{key} is an ownership tag: changeover sets it")
+        if self.server_row(server_id) is None:
+            raise ValueError(f"no server {server_id}")
+        self._db().execute(
+            "INSERT OR REPLACE INTO server_tags (server_id, key, value) VALUES (?,?,?)",
+            (server_id, key, value),
+        )
+
+    def untag_server(self, server_id: str, key: str) -> None:
+        """Remove a tag an operator set."""
+        self._db().execute("DELETE FROM server_tags WHERE server_id=? AND key=?", (server_id, key))
 
     def register_server(
         self,
