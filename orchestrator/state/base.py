@@ -33,6 +33,7 @@ Errors a store raises besides those of orchestrator/errors.py::
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import socket
@@ -355,7 +356,7 @@ Why = Literal["alive", "held", "observe"]
 Observed = tuple[int, float]  # (token, expires_at) of a lease being watched
 
 
-class LeaseRules:
+class LeaseRules(abc.ABC):
     """Acquisition rules over a backend's `holder` and `_take` (see the module doc).
 
     `host` and `pid` say who this store acts for: this process, unless a test poses as
@@ -379,13 +380,14 @@ class LeaseRules:
         self.host = host or socket.gethostname()
         self.pid = pid or os.getpid()
 
+    @abc.abstractmethod
     def holder(self, stack: str) -> Holder | None:
-        raise NotImplementedError
+        """The stack's lease as stored, or None (each backend reads its own)."""
 
+    @abc.abstractmethod
     def _take(self, stack: str, run_id: str, observed: Observed | None) -> Lease | Observed:
         """Take the lease, or raise LockedError; or, for a lease to watch first (and
         nothing `observed` yet), return what it looks like now."""
-        raise NotImplementedError
 
     def blocker(self, row: Holder, run_id: str, now: float) -> Why | None:
         """Why the lease in `row` may not be taken by `run_id` now (None: it may be).
