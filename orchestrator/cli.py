@@ -577,10 +577,11 @@ def _builder(strategy: str, **o: Any) -> Any:
         older = parse_duration(o["older_than"]) if o.get("older_than") else None
         return _campaign(
             o,
-            lambda p, n, c: plan_rotate(
+            lambda p, n, c, lanes=True: plan_rotate(
                 p,
                 n,
                 c,
+                lanes=lanes,
                 max_surge=o["max_surge"],
                 min_healthy=o["min_healthy"],
                 older_than=older,
@@ -598,7 +599,7 @@ def _builder(strategy: str, **o: Any) -> Any:
 
         return _campaign(
             o,
-            lambda p, n, c: plan_upgrade(
+            lambda p, n, c, lanes=True: plan_upgrade(
                 p,
                 n,
                 c,
@@ -623,7 +624,8 @@ def _campaign(o: dict[str, Any], build: Any) -> Any:
 
     def plan(p: Provider, n: str, c: StackConfig) -> Plan:
         windows = list(o.get("window") or c.windows.open)
-        return windowed(build(p, n, c), windows, c.windows.batch_estimate)
+        # A campaign's window gates open one batch at a time: lockstep batches, no lanes.
+        return windowed(build(p, n, c, lanes=not windows), windows, c.windows.batch_estimate)
 
     return plan
 

@@ -39,6 +39,7 @@ from orchestrator.errors import (
     PreconditionFailed,
 )
 from orchestrator.guard import MutationGuard
+from orchestrator.lanes import LaneScheduler
 from orchestrator.log import get_logger
 from orchestrator.plan import Outcome, Plan, RunContext, Step, StepResult
 from orchestrator.settings import StackConfig
@@ -367,82 +368,149 @@ class Engine:
     def _drive_steps(self, run_id: str, plan: Plan, lease: Lease) -> RunResult:
         ctx = self._context(run_id, plan, lease)
         records = self.journal.steps(run_id)
-        total = len(plan.steps)
         # Did anything change the world yet? Any step begun before (maybe by a killed
         # process) may have; in this process the guard counts the mutating calls.
         touched_before = any(r.state != "pending" for r in records)
-        for idx, step in enumerate(plan.steps):
+        for segment in _segments(plan):
+            if plan.steps[segment[0]].lane is not None:
+                # A run of lanes (one replacement each): at most plan.in_flight at once.
+                lanes = LaneScheduler(self, run_id, plan, lease=lease, ctx=ctx, records=records)
+                ended = lanes.drive(segment, touched_before=touched_before)
+                if ended is not None:
+                    return ended
+                continue
+            idx = segment[0]
             if records[idx].state == "done":
                 continue
-            self.journal.step_started(run_id, idx, lease)
-            ctx.log.info(events.STEP_STARTED, step=step.key, index=idx + 1, of=total)
-            self.on_event("step_started", {"step": step.key, "index": idx, "total": total})
-            t0 = time.monotonic()
-            self._doing = (run_id, idx, step)
-            self._crossed = records[idx].outputs.get("point_of_no_return") is not None
-            ctx.first_attempt = records[idx].state == "pending"
-            ctx.marks = dict(records[idx].outputs)
-            ctx.journal_marks = self._marker(run_id, idx, lease)  # RunContext.mark
-            try:
-                result: StepResult = self._attempt(step, ctx, step_call(step.do, ctx))
-            except FencedError:
-                raise
-            except Paused as exc:
-                # A campaign's window closes before this batch would end: nothing of the
-                # batch has begun. The run waits, holding its stack, for the same command.
-                self._doing = None
-                self.journal.step_paused(run_id, idx, lease, exc.marks)
-                self.journal.event(run_id, lease, "paused", step=step.key, detail=exc.next_window)
-                ctx.log.info(events.RUN_PAUSED, step=step.key, next_window=exc.next_window)
-                self.on_event("paused", {"step": step.key, "next_window": exc.next_window})
-                return self._finish(
-                    run_id,
-                    plan,
-                    lease,
-                    Outcome.PAUSED,
-                    str(exc),
-                    extra={"next_window": exc.next_window, "window": exc.window},
-                )
-            except Exception as exc:
-                self._doing = None
-                reason = _reason(exc)
-                self.journal.step_failed(run_id, idx, lease, reason, tries=self._tries)
-                ctx.log.error(events.STEP_FAILED, step=step.key, error=reason)
-                self.on_event("step_failed", {"step": step.key, "error": reason})
-                if self._crossed or _forward_only(plan, self.journal.steps(run_id), idx):
-                    advice = step.stopped_advice(run_id, plan.stack) or (
-                        "The new servers are serving and rollback cannot go back past this "
-                        f"step; fix the cause, then `changeover resume {run_id}` finishes it"
-                    )
-                    return self._finish(
-                        run_id,
-                        plan,
-                        lease,
-                        Outcome.DIRTY,
-                        f"{step.key} failed past its point of no return: {reason}. {advice}",
-                    )
-                touched = touched_before or self.guard.mutations > 0
-                if isinstance(exc, PreconditionFailed) and not touched:
-                    return self._finish(
-                        run_id, plan, lease, Outcome.PRECONDITION_FAILED, f"{step.key}: {reason}"
-                    )
-                verb = "refused" if isinstance(exc, PreconditionFailed) else "failed"
-                return self._undo_steps(run_id, plan, lease, cause=f"{step.key} {verb}: {reason}")
-            self._doing = None
-            self.journal.step_done(
-                run_id, idx, lease, result.outputs, noop=result.noop, tries=self._tries
+            ended = self._drive_one(
+                run_id, plan, lease, ctx=ctx, records=records, idx=idx, touched=touched_before
             )
-            ctx.outputs[step.key] = result.outputs
-            elapsed = round(time.monotonic() - t0, 3)
-            if result.noop:
-                ctx.log.info(events.STEP_NOOP, step=step.key, reason=result.noop)
-            else:
-                ctx.log.info(events.STEP_DONE, step=step.key, seconds=elapsed)
-            self.on_event(
-                "step_done", {"step": step.key, "index": idx, "total": total, "noop": result.noop}
-            )
-            self._maybe_crash(step)
+            if ended is not None:
+                return ended
         return self._finish(run_id, plan, lease, Outcome.SUCCEEDED, "done")
+
+    def _drive_one(
+        self,
+        run_id: str,
+        plan: Plan,
+        lease: Lease,
+        *,
+        ctx: RunContext,
+        records: list[StepRecord],
+        idx: int,
+        touched: bool,
+    ) -> RunResult | None:
+        """Run step `idx` to its end under its retry policy; a RunResult if the run ends."""
+        step = plan.steps[idx]
+        total = len(plan.steps)
+        self.journal.step_started(run_id, idx, lease)
+        ctx.log.info(events.STEP_STARTED, step=step.key, index=idx + 1, of=total)
+        self.on_event("step_started", {"step": step.key, "index": idx, "total": total})
+        t0 = time.monotonic()
+        self._doing = (run_id, idx, step)
+        self._crossed = records[idx].outputs.get("point_of_no_return") is not None
+        ctx.first_attempt = records[idx].state == "pending"
+        ctx.marks = dict(records[idx].outputs)
+        ctx.journal_marks = self._marker(run_id, idx, lease)  # RunContext.mark
+        try:
+            result: StepResult = self._attempt(step, ctx, step_call(step.do, ctx))
+        except FencedError:
+            raise
+        except Paused as exc:
+            # A campaign's window closes before this batch would end: nothing of the
+            # batch has begun. The run waits, holding its stack, for the same command.
+            self._doing = None
+            self.journal.step_paused(run_id, idx, lease, exc.marks)
+            self.journal.event(run_id, lease, "paused", step=step.key, detail=exc.next_window)
+            ctx.log.info(events.RUN_PAUSED, step=step.key, next_window=exc.next_window)
+            self.on_event("paused", {"step": step.key, "next_window": exc.next_window})
+            return self._finish(
+                run_id,
+                plan,
+                lease,
+                Outcome.PAUSED,
+                str(exc),
+                extra={"next_window": exc.next_window, "window": exc.window},
+            )
+        except Exception as exc:
+            self._doing = None
+            return self._step_failed(
+                run_id, plan, lease, ctx=ctx, idx=idx, exc=exc, tries=self._tries, touched=touched
+            )
+        self._doing = None
+        self._step_done(
+            run_id, plan, lease, ctx=ctx, idx=idx, result=result, seconds=time.monotonic() - t0
+        )
+        return None
+
+    def _step_done(
+        self,
+        run_id: str,
+        plan: Plan,
+        lease: Lease,
+        *,
+        ctx: RunContext,
+        idx: int,
+        result: StepResult,
+        seconds: float,
+        tries: int | None = None,
+    ) -> None:
+        step = plan.steps[idx]
+        tries = self._tries if tries is None else tries
+        self.journal.step_done(run_id, idx, lease, result.outputs, noop=result.noop, tries=tries)
+        ctx.outputs[step.key] = result.outputs
+        if result.noop:
+            ctx.log.info(events.STEP_NOOP, step=step.key, reason=result.noop)
+        else:
+            ctx.log.info(events.STEP_DONE, step=step.key, seconds=round(seconds, 3))
+        self.on_event(
+            "step_done",
+            {"step": step.key, "index": idx, "total": len(plan.steps), "noop": result.noop},
+        )
+        self._maybe_crash(step)
+
+    def _step_failed(
+        self,
+        run_id: str,
+        plan: Plan,
+        lease: Lease,
+        *,
+        ctx: RunContext,
+        idx: int,
+        exc: Exception,
+        tries: int,
+        touched: bool,
+        crossed: bool | None = None,
+        then: str = "",
+    ) -> RunResult:
+        """Step `idx` failed: journal it, then end the run dirty (past a point of no
+        return), refused (nothing touched), or by rolling back. `then` says what the
+        rollback does beyond the usual (a lane scheduler's other replacements)."""
+        step = plan.steps[idx]
+        reason = _reason(exc)
+        self.journal.step_failed(run_id, idx, lease, reason, tries=tries)
+        ctx.log.error(events.STEP_FAILED, step=step.key, error=reason)
+        self.on_event("step_failed", {"step": step.key, "error": reason})
+        crossed = self._crossed if crossed is None else crossed
+        if crossed or _forward_only(plan, self.journal.steps(run_id), idx):
+            advice = step.stopped_advice(run_id, plan.stack) or (
+                "The new servers are serving and rollback cannot go back past this "
+                f"step; fix the cause, then `changeover resume {run_id}` finishes it"
+            )
+            return self._finish(
+                run_id,
+                plan,
+                lease,
+                Outcome.DIRTY,
+                f"{step.key} failed past its point of no return: {reason}. {advice}",
+            )
+        touched = touched or self.guard.mutations > 0
+        if isinstance(exc, PreconditionFailed) and not touched:
+            return self._finish(
+                run_id, plan, lease, Outcome.PRECONDITION_FAILED, f"{step.key}: {reason}"
+            )
+        verb = "refused" if isinstance(exc, PreconditionFailed) else "failed"
+        return self._undo_steps(run_id, plan, lease, cause=f"{step.key} {verb}: {reason}{then}")
 
     def _marker(self, run_id: str, idx: int, lease: Lease) -> Callable[[dict[str, Any]], None]:
         """RunContext.mark for step `idx`: merged into what its row holds (a point of no
@@ -473,6 +541,13 @@ class Engine:
         ctx.log.warning(events.RUN_ROLLBACK_STARTED, cause=cause)
         self.on_event("rollback_started", {"cause": cause})
         records = self.journal.steps(run_id)
+        if crossed := _crossed_lanes(plan, records):
+            # A lane that began destroying its old servers can only go forward: it is
+            # finished first (its destroy), then kept, like the lanes that finished.
+            lanes = LaneScheduler(self, run_id, plan, lease=lease, ctx=ctx, records=records)
+            if (ended := lanes.drive(crossed, touched_before=True)) is not None:
+                return ended
+            records = self.journal.steps(run_id)
         for rec in _undo_order(plan, records):
             step = plan.steps[rec.idx]
             if rec.undo_state == "done" or not step.has_undo:
@@ -619,11 +694,14 @@ def _past_no_return(plan: Plan, rec: StepRecord) -> bool:
 
 
 def _forward_only(plan: Plan, records: list[StepRecord], idx: int) -> bool:
-    """Is step `idx` forward-only now: the nearest irreversible step before it crossed
-    its point of no return?"""
+    """Is step `idx` forward-only now: the nearest irreversible step before it (in its
+    own lane, if it has one) crossed its point of no return?"""
     if not plan.steps[idx].forward_only:
         return False
+    lane = plan.steps[idx].lane
     for rec in reversed(records[:idx]):
+        if lane is not None and plan.steps[rec.idx].lane != lane:
+            continue
         if plan.steps[rec.idx].irreversible:
             return _past_no_return(plan, rec)
     return False
@@ -632,8 +710,10 @@ def _forward_only(plan: Plan, records: list[StepRecord], idx: int) -> bool:
 def _barrier(plan: Plan, records: list[StepRecord]) -> StepRecord | None:
     """An irreversible step past its point of no return that has not finished, or an
     unfinished step that is forward-only behind one: the run can only go forward from
-    here."""
+    here. Not a lane's: a rollback finishes such a lane first (_finish_crossed_lanes)."""
     for rec in records:
+        if plan.steps[rec.idx].lane is not None:
+            continue
         if rec.state in ("started", "failed") and _past_no_return(plan, rec):
             return rec
         if rec.state != "done" and _forward_only(plan, records, rec.idx):
@@ -650,14 +730,46 @@ def unfinished_barrier(plan: dict[str, Any], records: list[StepRecord]) -> str |
 
 def _undo_order(plan: Plan, records: list[StepRecord]) -> list[StepRecord]:
     """Steps that began, newest first, stopping at the last irreversible step that
-    crossed its point of no return."""
+    crossed its point of no return. Lanes (replacements run side by side) are undone
+    one by one, the last first, each newest step first; a lane whose irreversible step
+    crossed its point of no return is finished and kept whole, and the plan's own
+    steps before the lanes are undone after them."""
     out: list[StepRecord] = []
+    kept: set[int] = set()  # lanes past their point of no return
     for rec in reversed(records):
-        if rec.state == "pending":
+        lane = plan.steps[rec.idx].lane
+        if rec.state == "pending" or lane in kept:
             continue
         if _past_no_return(plan, rec):
-            break
+            if lane is None:
+                break
+            kept.add(lane)
+            continue
         out.append(rec)
+    return out
+
+
+def _crossed_lanes(plan: Plan, records: list[StepRecord]) -> list[int]:
+    """The steps of every lane that crossed a point of no return and has not finished."""
+    lanes = {
+        lane
+        for rec in records
+        if (lane := plan.steps[rec.idx].lane) is not None
+        and rec.state != "done"
+        and _past_no_return(plan, rec)
+    }
+    return [rec.idx for rec in records if plan.steps[rec.idx].lane in lanes]
+
+
+def _segments(plan: Plan) -> list[list[int]]:
+    """The plan's steps in the order they are driven: each step of the plan's own
+    sequence alone, and each run of consecutive lane steps together."""
+    out: list[list[int]] = []
+    for idx, step in enumerate(plan.steps):
+        if step.lane is not None and out and plan.steps[out[-1][0]].lane is not None:
+            out[-1].append(idx)
+        else:
+            out.append([idx])
     return out
 
 

@@ -167,6 +167,13 @@ class Step(abc.ABC):
         if cls.name:
             STEP_TYPES[cls.name] = cls
 
+    @property
+    def lane(self) -> int | None:
+        """The replacement this step belongs to, in a plan of lanes (a sliding-window
+        rotate: orchestrator/lanes.py); None for a step of the plan's own sequence."""
+        lane = self.params.get("lane")
+        return None if lane is None else int(lane)
+
     def policy(self) -> RetryPolicy:
         """The retry policy for this instance; steps with a configured deadline override."""
         return self.retry
@@ -213,6 +220,11 @@ class Plan:
     steps: list[Step]
     params: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def in_flight(self) -> int:
+        """How many lanes may be in flight at once (1: one after the other)."""
+        return max(int(self.params.get("in_flight", 1)), 1)
 
     def to_dict(self) -> dict[str, Any]:
         return {

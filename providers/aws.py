@@ -138,6 +138,8 @@ STALE_AFTER: dict[str, frozenset[str]] = {
     "send_command": frozenset(),
 }
 HTTP_PORT = 80
+# Our own target changes, and the state AWS gives a target right after each.
+TARGET_CHANGES = {"register_targets": "initial", "deregister_targets": "draining"}
 
 Prober = Callable[[str, int, str, float], tuple[int, str | None]]
 
@@ -286,6 +288,7 @@ class AwsProvider(NoInPlaceUpgrades):
         self._statuses: dict[str, Any] = {}  # one batch's DescribeInstanceStatus answers
         self._kept: dict[str, Any] = {}  # reads kept until refresh() or a change
         self._known: dict[str, dict[str, Any]] = {}  # instances of the stack, by id, ditto
+        self._interest: list[str] = []  # what this poll is about (ex_prefetch)
 
     @property
     def api_calls(self) -> Counter[str]:
@@ -296,6 +299,29 @@ class AwsProvider(NoInPlaceUpgrades):
         """Forget kept reads: the engine's next poll asks AWS again."""
         self._kept.clear()
         self._known.clear()
+        self._interest = []
+
+    def ex_prefetch(self, stack: str, ids: list[str]) -> None:
+        """The servers one poll is about (every replacement in flight of a sliding
+        window, whatever stage each is in): until the next refresh(), the first read of
+        each kind (instances, status checks, addresses) asks about all of them at once,
+        and the reads after it are answered from that one call."""
+        self._interest = list(dict.fromkeys(ids))
+
+    def _with_interest(self, ids: list[str]) -> list[str]:
+        return sorted({*ids, *self._interest}) if set(ids) <= set(self._interest) else ids
+
+    def _status_interest(self, ids: list[str]) -> list[str]:
+        """For DescribeInstanceStatus, whose InstanceIds must all exist: the poll's
+        servers that this poll's DescribeInstances saw running."""
+        if not set(ids) <= set(self._interest):
+            return ids
+        running = [
+            i
+            for i in self._interest
+            if self._known.get(i, {}).get("State", {}).get("Name") == "running"
+        ]
+        return sorted({*ids, *running})
 
     def _stale(self, operation: str, kwargs: dict[str, Any]) -> None:
         """Forget what one of our changes makes stale (before it is sent: a call that
@@ -310,6 +336,17 @@ class AwsProvider(NoInPlaceUpgrades):
 
     def _keep(self, operation: str, kwargs: dict[str, Any], fn: Callable[[], Any]) -> Any:
         """A read answered from what this poll already read, or read and kept."""
+        if operation in TARGET_CHANGES:
+            # What AWS reports right after it took the change: a registered target is
+            # `initial`, a deregistered one `draining`. Kept target health is brought up
+            # to date rather than read again; a call that fails forgets it.
+            try:
+                result = fn()
+            except BaseException:
+                self._stale(operation, kwargs)
+                raise
+            self._patch_health(kwargs, TARGET_CHANGES[operation])
+            return result
         if is_mutating(to_op_name(operation)):
             self._stale(operation, kwargs)
             return fn()
@@ -319,6 +356,20 @@ class AwsProvider(NoInPlaceUpgrades):
         if key not in self._kept:
             self._kept[key] = fn()
         return self._kept[key]
+
+    def _patch_health(self, kwargs: dict[str, Any], state: str) -> None:
+        arn = kwargs.get("TargetGroupArn")
+        ids = [t["Id"] for t in kwargs.get("Targets", [])]
+        for key, kept in self._kept.items():
+            if not key.startswith("describe_target_health ") or f'"{arn}"' not in key:
+                continue
+            rows = kept["TargetHealthDescriptions"]
+            for i in ids:
+                row = next((r for r in rows if r["Target"]["Id"] == i), None)
+                if row is None:
+                    rows.append({"Target": {"Id": i}, "TargetHealth": {"State": state}})
+                else:
+                    row["TargetHealth"] = {"State": state}
 
     def api(self, client: Any, operation: str, **kwargs: Any) -> Any:
         """One AWS call, retried with jittered backoff while AWS says it is transient."""
@@ -387,7 +438,17 @@ class AwsProvider(NoInPlaceUpgrades):
         id AWS does not show yet is simply absent, and only our own come back (I7)."""
         if all(i in self._known for i in ids):
             return [self._known[i] for i in ids]
-        return self._instances(stack, [{"Name": "instance-id", "Values": ids}])
+        if self._interest:
+            # A poll of a sliding window: one listing of the stack answers every lane's
+            # reads (its new servers, the members a stop check counts, the old ones).
+            self._instances(stack, [{"Name": "instance-state-name", "Values": LIVE_STATES}])
+            if all(i in self._known for i in ids):
+                return [self._known[i] for i in ids]
+        wanted = set(ids)
+        found = self._instances(
+            stack, [{"Name": "instance-id", "Values": self._with_interest(ids)}]
+        )
+        return [i for i in found if i["InstanceId"] in wanted]
 
     def _to_server(self, inst: dict[str, Any]) -> Server:
         tags = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
@@ -506,6 +567,11 @@ class AwsProvider(NoInPlaceUpgrades):
         if launch.instance_profile:
             kwargs["IamInstanceProfile"] = {"Name": launch.instance_profile}
         launched = self.api(self.ec2, "run_instances", **kwargs)["Instances"]
+        if self._interest:
+            # In a sliding window's poll (ex_prefetch; the scheduler refreshes before the
+            # next one): RunInstances answered with the instances, pending, with their
+            # tags, so a read of them in this poll needs no DescribeInstances.
+            self._known.update((i["InstanceId"], i) for i in launched if i.get("Tags"))
         return [self._to_server(i) for i in [*existing, *launched]]
 
     def destroy_servers(self, stack: str, ids: list[str]) -> list[str]:
@@ -536,7 +602,7 @@ class AwsProvider(NoInPlaceUpgrades):
             described = self.api(
                 self.ec2,
                 "describe_instance_status",
-                InstanceIds=status_ids,
+                InstanceIds=self._status_interest(status_ids),
                 IncludeAllInstances=True,
             )["InstanceStatuses"]
             self._statuses = {st["InstanceId"]: st for st in described}
@@ -751,12 +817,44 @@ class AwsProvider(NoInPlaceUpgrades):
             self.api(
                 self.elbv2, "register_targets", TargetGroupArn=arn, Targets=[{"Id": i} for i in new]
             )
+            self._stale("register_targets", {})  # read what the group says now
             health = self._target_health(address)
         if waiting := [i for i in ids if health.get(i) != "healthy"]:
             # Old targets stay registered until every new one is healthy; the engine
             # retries this step, which re-reads and registers nothing twice.
             raise TransientError(f"targets not healthy yet: {waiting}")
         if old := [i for i, s in health.items() if i not in ids and s != "draining"]:
+            self.api(
+                self.elbv2,
+                "deregister_targets",
+                TargetGroupArn=arn,
+                Targets=[{"Id": i} for i in old],
+            )
+
+    def ex_add_members(self, stack: str, address: str, ids: list[str]) -> None:
+        """A target group: register these targets (those not registered yet) and wait
+        (TransientError, retried by the engine) until they are healthy. Unlike
+        set_members it waits on nobody else's targets: a sliding window's lanes each add
+        their own server, and one target that never turns healthy fails only its lane."""
+        self._op("add_members")
+        arn = self._target_group(stack, address)
+        health = self._target_health(address)
+        if new := [i for i in ids if i not in health or health[i] == "draining"]:
+            self.api(
+                self.elbv2, "register_targets", TargetGroupArn=arn, Targets=[{"Id": i} for i in new]
+            )
+            # Just registered: `initial` until the group's health checks pass.
+            raise TransientError(f"targets not healthy yet: {new}")
+        if waiting := [i for i in ids if health.get(i) != "healthy"]:
+            raise TransientError(f"targets not healthy yet: {waiting}")
+
+    def ex_remove_members(self, stack: str, address: str, ids: list[str]) -> None:
+        """A target group: deregister these targets (they start draining). The others
+        stay as they are, healthy or not yet."""
+        self._op("remove_members")
+        arn = self._target_group(stack, address)
+        health = self._target_health(address)
+        if old := [i for i in ids if i in health and health[i] != "draining"]:
             self.api(
                 self.elbv2,
                 "deregister_targets",
@@ -779,7 +877,9 @@ class AwsProvider(NoInPlaceUpgrades):
             return {}
         out: dict[str, list[str]] = {}
         held = self.api(
-            self.ec2, "describe_addresses", Filters=[{"Name": "instance-id", "Values": ids}]
+            self.ec2,
+            "describe_addresses",
+            Filters=[{"Name": "instance-id", "Values": self._with_interest(ids)}],
         )["Addresses"]
         for eip in held:
             if eip.get("InstanceId") in ids:

@@ -22,6 +22,10 @@ MUTATING_OPS = frozenset(
         "create_servers",
         "destroy_servers",
         "set_members",
+        # Optional, where a provider has them (aws target groups): add or remove some
+        # members without waiting on the others (the steps fall back to set_members).
+        "ex_add_members",
+        "ex_remove_members",
         "data_copy_live",
         "data_freeze",
         "data_unfreeze",

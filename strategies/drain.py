@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from orchestrator import events
-from orchestrator.errors import StepFailed
+from orchestrator.errors import StepFailed, TransientError
 from orchestrator.plan import RunContext
 from orchestrator.waits import some
 
@@ -83,6 +83,36 @@ def drain(ctx: RunContext, ids: list[str], *, on_timeout: DrainEnd = "fail") -> 
         if marked is not None:
             ctx.mark(**{DRAIN_MARK: None})
     return {}
+
+
+def drain_poll(ctx: RunContext, ids: list[str], *, on_timeout: DrainEnd = "fail") -> dict[str, int]:
+    """One look at a drain, for a step that polls (DrainServers: a lane of a sliding
+    window must not hold the others while its old server drains). {} when drained;
+    while requests are in flight, TransientError (the engine polls again after its
+    backoff), up to `drain_timeout` from the first look, which the step's marks keep (so
+    a resumed run does not start the clock again); then as `drain` ends."""
+    if not ids:
+        return {}
+    busy = inflight(ctx, ids)
+    held = ctx.marks.get(DRAIN_MARK) or {}
+    if not busy:
+        if held:
+            ctx.mark(**{DRAIN_MARK: None})
+        return {}
+    timeout = ctx.config.defaults.drain_timeout
+    began = float(held.get("began", ctx.clock()))
+    if ctx.clock() - began >= timeout:
+        ctx.mark(**{DRAIN_MARK: None})
+        return _timed_out(ctx, busy, timeout, on_timeout)
+    if busy != held.get("inflight"):
+        since = float(held.get("since", time.time()))  # wall clock: `status` reads it
+        ctx.mark(
+            **{DRAIN_MARK: {"inflight": busy, "since": since, "timeout": timeout, "began": began}}
+        )
+    ctx.log.debug(events.DRAIN_WAIT, busy=busy)
+    with ctx.waiting(f"drain of {some(ids)}", deadline=timeout) as waiting:
+        waiting.update(f"{sum(busy.values())} request(s) in flight")
+        raise TransientError(f"{in_flight_text(busy)}")
 
 
 def _timed_out(

@@ -46,6 +46,7 @@ def plan_rotate(
     canary: int | None = None,
     canary_watch: float | None = None,
     max_unhealthy: int | None = None,
+    lanes: bool = True,
 ) -> Plan:
     """Compose the rotate plan. `older_than` is in seconds; `only_if_needed` also picks
     servers whose hygiene fails (pending upgrades, reboot required) and makes an empty
@@ -60,7 +61,13 @@ def plan_rotate(
     `canary` servers are replaced first, as batch 1, and watched for `canary_watch`
     seconds before anything else (strategies/canary.py); unset, the stack's default, or
     1 with `only_if_needed` (an unattended job's form), else none. Every batch starts with
-    `CheckStopConditions#n` (`max_unhealthy`, min-healthy: strategies/stop.py)."""
+    `CheckStopConditions#n` (`max_unhealthy`, min-healthy: strategies/stop.py).
+
+    With `lanes` (the default) each server after the canaries is replaced in a lane of
+    its own, and at most `max_surge` lanes are in flight at once: the next starts as soon
+    as one finishes (orchestrator/lanes.py). Without (a campaign across maintenance
+    windows, whose gates open one batch at a time) the servers go in lockstep batches of
+    `max_surge`."""
     check_replace(provider, name)
     view = inspect_stack(provider, name, config)
     surge = max_surge or config.defaults.max_surge
@@ -111,15 +118,19 @@ def plan_rotate(
     canaries = min(canaries if canaries is not None else int(only_if_needed), len(chosen))
     watch = d.canary_watch if canary_watch is None else canary_watch
     unhealthy_pct = d.max_unhealthy if max_unhealthy is None else max_unhealthy
-    # The canary batch first (its own size, whatever the surge), then batches of max_surge.
-    bounds = [0, *range(canaries, len(chosen), surge)] if canaries else []
-    bounds = bounds or list(range(0, len(chosen), surge))
+    # The canary batch first (its own size, whatever the surge), then one lane per server
+    # (or, without lanes, batches of max_surge).
+    step = 1 if lanes else surge
+    bounds = [0, *range(canaries, len(chosen), step)] if canaries else []
+    bounds = bounds or list(range(0, len(chosen), step))
     steps: list[Step] = []
     for n, start in enumerate(bounds, start=1):
         end = bounds[n] if n < len(bounds) else len(chosen)
         batch = [s.id for s in chosen[start:end]]
         create = f"CreateServers#{n}"
         link = {"db": db.id} if db is not None else {}
+        # A lane's steps carry its number; the canary batch is the plan's own sequence.
+        lane = {"lane": n} if lanes and not (n == 1 and canaries) else {}
         steps += [
             CheckStopConditions(
                 key=f"CheckStopConditions#{n}",
@@ -130,13 +141,20 @@ def plan_rotate(
                 total=len(serving),
                 min_healthy=healthy_pct,
                 max_unhealthy=unhealthy_pct,
+                **lane,
             ),
-            CreateServers(key=create, role=role, generation=gen, count=len(batch), **link),
+            CreateServers(key=create, role=role, generation=gen, count=len(batch), **link, **lane),
             WaitRunning(
-                key=f"WaitRunning#{n}", sources=[create], timeout=config.defaults.boot_timeout
+                key=f"WaitRunning#{n}",
+                sources=[create],
+                timeout=config.defaults.boot_timeout,
+                **lane,
             ),
             VerifyServers(
-                key=f"VerifyServers#{n}", sources=[create], timeout=config.defaults.boot_timeout
+                key=f"VerifyServers#{n}",
+                sources=[create],
+                timeout=config.defaults.boot_timeout,
+                **lane,
             ),
             AddMembers(
                 key=f"AddMembers#{n}",
@@ -144,6 +162,7 @@ def plan_rotate(
                 verified_from=f"VerifyServers#{n}",
                 role=role,
                 replacing=batch,
+                **lane,
             ),
             RemoveMembers(
                 key=f"RemoveMembers#{n}",
@@ -151,8 +170,9 @@ def plan_rotate(
                 role=role,
                 min_healthy=healthy_pct,
                 total=len(serving),
+                **lane,
             ),
-            DrainServers(key=f"DrainServers#{n}", ids=batch, role=role),
+            DrainServers(key=f"DrainServers#{n}", ids=batch, role=role, **lane),
         ]
         if n == 1 and canaries:
             # Before the destroy: a failed watch still puts the old servers back.
@@ -161,7 +181,7 @@ def plan_rotate(
                     key="WatchCanary#1", sources=[create], role=role, seconds=watch, replacing=batch
                 )
             )
-        steps.append(DestroyServers(key=f"DestroyServers#{n}", ids=batch))
+        steps.append(DestroyServers(key=f"DestroyServers#{n}", ids=batch, **lane))
     return Plan(
         strategy="rotate",
         stack=name,
@@ -175,6 +195,8 @@ def plan_rotate(
             "canary": canaries,
             "canary_watch": watch,
             "max_unhealthy": unhealthy_pct,
+            # Lanes in flight at once (a sliding window); 1 for lockstep batches.
+            "in_flight": surge if lanes else 1,
         },
         summary={
             "generation_before": view.generation,

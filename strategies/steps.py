@@ -23,7 +23,7 @@ from orchestrator.errors import (
 from orchestrator.models import TAG_TOKEN, Server
 from orchestrator.plan import NO_RETRY, RetryPolicy, RunContext, Step, StepResult
 from orchestrator.waits import some
-from strategies.drain import TIMED_OUT
+from strategies.drain import TIMED_OUT, drain_poll
 from strategies.drain import drain as _drain
 from strategies.watch import watch_through
 
@@ -452,7 +452,10 @@ class RemoveMembers(Step):
                     f"removing {len(ids)} from {address} would leave {healthy} healthy of "
                     f"{self.params['total']}, below min-healthy {self.params['min_healthy']}%"
                 )
-            ctx.provider.set_members(ctx.stack, address, remaining)
+            if callable(remove := getattr(ctx.provider, "ex_remove_members", None)):
+                remove(ctx.stack, address, sorted(ids & set(current)))
+            else:
+                ctx.provider.set_members(ctx.stack, address, remaining)
             removed[address] = sorted(ids & set(current))
         if not removed:
             return StepResult({"removed": {}}, noop="servers already out of every entry point")
@@ -466,7 +469,16 @@ class RemoveMembers(Step):
         for address in self._addresses(ctx):
             current = ctx.provider.get_members(ctx.stack, address)
             if back := [i for i in running if i not in current]:
-                ctx.provider.set_members(ctx.stack, address, current + back)
+                if callable(add := getattr(ctx.provider, "ex_add_members", None)):
+                    add(ctx.stack, address, back)
+                else:
+                    # A member that is not running any more (a new server that died)
+                    # would make an entry point that refuses such members (the local
+                    # cloud's proxy) refuse the whole set: it serves nothing, so it is
+                    # left out (AddMembers' undo takes it out anyway).
+                    alive = servers_by_id(ctx, current)
+                    kept = [m for m in current if m in alive and alive[m].state == "running"]
+                    ctx.provider.set_members(ctx.stack, address, kept + back)
                 added[address] = back
         if not added:
             return StepResult(noop="nothing to put back")
@@ -505,7 +517,11 @@ class AddMembers(Step):
             if (new := [i for i in members if i not in current]) and not guarded:
                 _guard_verified(ctx, ids, self.params["verified_from"])
                 guarded = True
-            ctx.provider.set_members(ctx.stack, address, members)
+            add = getattr(ctx.provider, "ex_add_members", None)
+            if capacity != 1 and callable(add):
+                add(ctx.stack, address, ids)  # waits on these servers' health only
+            else:
+                ctx.provider.set_members(ctx.stack, address, members)
             previous[address] = current
             if new:
                 added[address] = new
@@ -563,9 +579,17 @@ def guard_destroy(ctx: RunContext, ids: list[str]) -> None:
 
 
 class DrainServers(Step):
-    """Wait until requests in flight to servers that left the address have finished."""
+    """Wait until requests in flight to servers that left the address have finished: a
+    poll per attempt (strategies/drain.py `drain_poll`), which keeps the drain's timeout
+    itself, so a lane waiting on its drain holds up no other lane."""
 
     name = "DrainServers"
+
+    def policy(self) -> RetryPolicy:
+        # drain_timeout (in the step's marks) ends the wait, not the policy.
+        return RetryPolicy(
+            attempts=10_000_000, deadline=10 * 86_400.0, backoff_initial=0.05, backoff_max=3.0
+        )
 
     def do(self, ctx: RunContext) -> StepResult:
         ids = ids_from(ctx, self.params)
@@ -574,7 +598,7 @@ class DrainServers(Step):
             if serving := set(ctx.provider.get_members(ctx.stack, address)) & set(ids):
                 raise GuardRefused(f"cannot drain servers still behind {address}: {serving}")
         hooks.run_hooks(ctx, "pre_drain", ids)
-        cut = _drain(ctx, ids, on_timeout=ctx.config.defaults.on_drain_timeout)
+        cut = drain_poll(ctx, ids, on_timeout=ctx.config.defaults.on_drain_timeout)
         out = {"drained": ids, **hooks.outputs(ctx)}
         return StepResult({**out, TIMED_OUT: cut} if cut else out)
 

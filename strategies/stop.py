@@ -35,6 +35,7 @@ from strategies.steps import servers_by_id
 
 CREATED = "CreateServers#"  # the key of batch k's create step is CreateServers#k
 CHECKED = "CheckStopConditions#"
+ADDED = "AddMembers#"
 # Seconds between two app health checks of the run's new servers (their running state is
 # read before every batch, from the describe the batch makes anyway). A check costs a call
 # per batch on some clouds (EC2 status checks, target health), and a rotate of small
@@ -56,7 +57,14 @@ class CheckStopConditions(Step):
     def do(self, ctx: RunContext) -> StepResult:
         p = self.params
         n = int(p["batch"])
-        fresh = [i for k in range(1, n) for i in ctx.output(f"{CREATED}{k}").get("created", [])]
+        # The run's new servers that serve: of the batches (or lanes) before this one,
+        # those whose servers were put in service (lanes still in flight are not yet).
+        fresh = [
+            i
+            for k in range(1, n)
+            if f"{ADDED}{k}" in ctx.outputs
+            for i in ctx.output(f"{CREATED}{k}").get("created", [])
+        ]
         earlier: dict[str, str] = {}
         for k in range(1, n):
             earlier |= ctx.output(f"{CHECKED}{k}").get("unhealthy", {})

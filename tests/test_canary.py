@@ -25,14 +25,18 @@ def keys(plan: Any) -> list[str]:
 def test_plan_replaces_the_canary_first_and_watches_it_before_its_destroy(
     make_world: Callable[..., World],
 ) -> None:
-    """--canary 1 with surge 2 over 4 servers: batches of 1, 2, 1; the watch comes after
-    the canary's drain and before its destroy, so a failed watch can put the old server
+    """--canary 1 with surge 2 over 4 servers: the canary alone first, then a lane per
+    server, 2 in flight (in a campaign: batches of 1, 2, 1); the watch comes after the
+    canary's drain and before its destroy, so a failed watch can put the old server
     back; every batch starts with its stop conditions, after a window's gate."""
     world = make_world(roles=FOUR_WEB)
     provider = LocalProvider(world.cloud)
     plan = plan_rotate(provider, "demo", world.config, max_surge=2, canary=1, canary_watch=7)
     removed = [s.params["ids"] for s in plan.steps if s.name == "RemoveMembers"]
-    assert [len(b) for b in removed] == [1, 2, 1]
+    assert [len(b) for b in removed] == [1, 1, 1, 1]
+    # The canary is the plan's own sequence; the lanes come after it, 2 in flight.
+    assert [s.lane for s in plan.steps if s.name == "RemoveMembers"] == [None, 2, 3, 4]
+    assert plan.in_flight == 2
     assert keys(plan)[:9] == [
         "CheckStopConditions#1", "CreateServers#1", "WaitRunning#1", "VerifyServers#1",
         "AddMembers#1", "RemoveMembers#1", "DrainServers#1", "WatchCanary#1",
@@ -45,7 +49,12 @@ def test_plan_replaces_the_canary_first_and_watches_it_before_its_destroy(
     assert [k for k in keys(plan) if k.startswith("WatchCanary")] == ["WatchCanary#1"]
     assert plan.params["canary"] == 1 and plan.summary["canary"]["replacing"] == removed[0]
 
-    campaign = windowed(plan, ["Sat 02:00-05:00 UTC"], 600)
+    batches = plan_rotate(
+        provider, "demo", world.config, max_surge=2, canary=1, canary_watch=7, lanes=False
+    )
+    removed = [s.params["ids"] for s in batches.steps if s.name == "RemoveMembers"]
+    assert [len(b) for b in removed] == [1, 2, 1]
+    campaign = windowed(batches, ["Sat 02:00-05:00 UTC"], 600)
     gates = [i for i, k in enumerate(keys(campaign)) if k.startswith("EnterWindow")]
     assert [keys(campaign)[i + 1] for i in gates] == [f"CheckStopConditions#{n}" for n in (1, 2, 3)]
 

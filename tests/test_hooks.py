@@ -244,14 +244,15 @@ def test_resumed_run_does_not_rerun_a_hook_that_passed(
 def test_kill_inside_a_step_keeps_the_hooks_that_passed(
     make_world: Callable[..., World], tmp_path: Path
 ) -> None:
-    """rotate --max-surge 2 (one batch of both old servers): changeover is SIGKILLed
-    while the second server's pre_terminate hook runs. The first server's pass was
-    journaled, so `resume` runs the hook for the second only, then destroys both."""
+    """rotate --canary 2 (one batch of both old servers: the canary batch, whose steps
+    each take all of its servers; the lanes after it take one each): changeover is
+    SIGKILLed while the second server's pre_terminate hook runs. The first server's pass
+    was journaled, so `resume` runs the hook for the second only, then destroys both."""
     log = tmp_path / "env.jsonl"
     hook = [sys.executable, str(_script(tmp_path, RECORD_THEN_KILL)), str(log)]
     world = make_world(hooks={"pre_terminate": hook})
     old = _web(world)
-    crashed = world.cli("rotate", "demo", "--yes", "--max-surge", "2")
+    crashed = world.cli("rotate", "demo", "--yes", "--canary", "2", "--canary-watch", "0")
     assert crashed.returncode == -9, crashed.stderr[-2000:]
     first, second = (r["CHANGEOVER_SERVER_ID"] for r in _records(log))
     assert sorted([first, second]) == old

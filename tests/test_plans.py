@@ -46,17 +46,29 @@ def test_rebuild_without_data_migration_keeps_the_db(world: World) -> None:
 
 
 def test_rotate_plan_batches_by_max_surge(make_world: Callable[..., World]) -> None:
-    """Rotate 4 servers with surge 2: two batches, each checking its stop conditions
-    first, add-before-remove, destroy last."""
+    """Rotate 4 servers with surge 2: a lane per server, at most 2 in flight, each
+    checking its stop conditions first, add-before-remove, destroy last. Without lanes
+    (a campaign across maintenance windows): two batches of 2."""
     world = make_world(roles={"db": {"count": 1, "data": True}, "web": {"count": 4}})
     plan = plan_rotate(LocalProvider(world.cloud), "demo", world.config, max_surge=2)
     per_batch = ["CheckStopConditions", "CreateServers", "WaitRunning", "VerifyServers",
                  "AddMembers", "RemoveMembers", "DrainServers", "DestroyServers"]  # fmt: skip
-    assert keys(plan) == [f"{k}#{n}" for n in (1, 2) for k in per_batch]
+    assert keys(plan) == [f"{k}#{n}" for n in (1, 2, 3, 4) for k in per_batch]
+    assert [s.lane for s in plan.steps] == [n for n in (1, 2, 3, 4) for _ in per_batch]
+    assert plan.in_flight == 2
     removed = [s.params["ids"] for s in plan.steps if s.name == "RemoveMembers"]
+    assert [len(b) for b in removed] == [1, 1, 1, 1]
+    assert sorted(i for batch in removed for i in batch) == sorted(world.members())
+
+    batches = plan_rotate(
+        LocalProvider(world.cloud), "demo", world.config, max_surge=2, lanes=False
+    )
+    assert keys(batches) == [f"{k}#{n}" for n in (1, 2) for k in per_batch]
+    assert {s.lane for s in batches.steps} == {None} and batches.in_flight == 1
+    removed = [s.params["ids"] for s in batches.steps if s.name == "RemoveMembers"]
     assert [len(b) for b in removed] == [2, 2]
     assert sorted(i for batch in removed for i in batch) == sorted(world.members())
-    assert all(s.params["count"] == 2 for s in plan.steps if s.name == "CreateServers")
+    assert all(s.params["count"] == 2 for s in batches.steps if s.name == "CreateServers")
 
 
 def test_rotate_older_than_selects_nothing_young(world: World) -> None:

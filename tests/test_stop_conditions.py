@@ -139,3 +139,27 @@ def test_min_healthy_refuses_before_anything_is_touched(
     )
     assert "Nothing of batch 1 was begun" in out["message"]
     assert _mutations(world, mark) == []
+
+
+@pytest.mark.slow
+def test_rollback_puts_the_old_server_back_past_a_dead_new_one(
+    make_world: Callable[..., World],
+) -> None:
+    """Killed right after RemoveMembers#1 (the new server serves alone), then the new
+    server dies. `rollback` puts the old server back: the local address refuses a member
+    that is not running, so the dead one is left out of the set rather than making the
+    undo fail and the run dirty (exit 1, the old servers serve, the dead one destroyed)."""
+    world = make_world()
+    before = sorted(world.members())
+    env = {"CHANGEOVER_CRASH_AFTER_STEP": "6"}  # Check, Create, Wait, Verify, Add, Remove
+    proc = world.cli("rotate", "demo", "--yes", "--max-surge", "1", env=env)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    run_id, steps = journal_steps(world)
+    assert steps[5]["key"] == "RemoveMembers#1" and steps[5]["state"] == "done"
+    new = _output(steps, "CreateServers#1")["created"]
+    _kill(world, new[0])
+    code, out = world.cli_json("rollback", run_id)
+    assert code == 1, out.get("_stderr")
+    assert out["outcome"] == "rolled_back" and run_status(world, run_id) == "rolled_back"
+    assert sorted(world.members()) == before
+    assert new[0] not in world.live_servers()

@@ -10,8 +10,12 @@ layer sits on a provider's clients and makes the waiting logic really wait:
   InvalidInstanceID.NotFound, as EC2's eventual consistency does;
 - `boot_delay(s)`, `status_delay(s)`, `health_delay(s)`, `drain_delay(s)`: instances stay
   pending, their status checks `initializing`, targets `initial`, deregistered targets
-  `draining`, for that long;
-- `unhealthy(ids)`: those targets never become healthy.
+  `draining`, for that long; `boot_delay(s, extra_mean=m)` adds to each instance's boot a
+  seeded exponential extra of mean m (image pulls, first-boot upgrades, reboots: the long
+  tail of real boots), drawn in launch order, and `extras=[...]` gives them outright
+  (the nth launched instance gets the nth);
+- `unhealthy(ids)`: those targets never become healthy; `unhealthy_launch(n, ...)`: nor
+  do the instances launched nth (1-based, in launch order).
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ class AwsFaults:
     pending_failures: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     not_found_armed: bool = False
     boot_seconds: float = 0.0
+    boot_extra_mean: float = 0.0
+    boot_extra: dict[str, float] = field(default_factory=dict)
+    boot_extras: list[float] = field(default_factory=list)
+    never_healthy_launch: set[int] = field(default_factory=set)
     health_seconds: float = 0.0
     drain_seconds: float = 0.0
     status_seconds: float = 0.0
@@ -57,6 +65,7 @@ class AwsFaults:
 
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
+        self._boot_rng = random.Random(self.seed)  # its own: throttling draws nothing here
         self._lock = threading.Lock()
 
     # --- configuration ------------------------------------------------------------
@@ -74,9 +83,17 @@ class AwsFaults:
         self.not_found_armed = True
         return self
 
-    def boot_delay(self, seconds: float) -> AwsFaults:
+    def boot_delay(
+        self, seconds: float, *, extra_mean: float = 0.0, extras: list[float] | None = None
+    ) -> AwsFaults:
         self.boot_seconds = seconds
+        self.boot_extra_mean = extra_mean
+        self.boot_extras = list(extras or [])
         return self
+
+    def boot_of(self, instance_id: str) -> float:
+        """Seconds this instance takes to boot (the delay plus its drawn extra)."""
+        return self.boot_seconds + self.boot_extra.get(instance_id, 0.0)
 
     def health_delay(self, seconds: float) -> AwsFaults:
         self.health_seconds = seconds
@@ -92,6 +109,10 @@ class AwsFaults:
 
     def unhealthy(self, *ids: str) -> AwsFaults:
         self.never_healthy.update(ids)
+        return self
+
+    def unhealthy_launch(self, *nth: int) -> AwsFaults:
+        self.never_healthy_launch.update(nth)
         return self
 
     # --- wiring -----------------------------------------------------------------------
@@ -140,6 +161,14 @@ class AwsFaults:
         if op == "RunInstances":
             for inst in parsed.get("Instances", []):
                 self.launched[inst["InstanceId"]] = now
+                nth = len(self.launched)
+                if nth <= len(self.boot_extras):
+                    self.boot_extra[inst["InstanceId"]] = self.boot_extras[nth - 1]
+                elif self.boot_extra_mean:
+                    extra = self._boot_rng.expovariate(1.0 / self.boot_extra_mean)
+                    self.boot_extra[inst["InstanceId"]] = extra
+                if nth in self.never_healthy_launch:
+                    self.never_healthy.add(inst["InstanceId"])
                 inst["State"] = {"Code": 0, "Name": "pending"}
         elif op == "DescribeInstances":
             for res in parsed.get("Reservations", []):
@@ -147,7 +176,7 @@ class AwsFaults:
                     born = self.launched.get(inst["InstanceId"])
                     if (
                         born is not None
-                        and now - born < self.boot_seconds
+                        and now - born < self.boot_of(inst["InstanceId"])
                         and (inst["State"]["Name"] == "running")
                     ):
                         inst["State"] = {"Code": 0, "Name": "pending"}
@@ -155,7 +184,8 @@ class AwsFaults:
             for st in parsed.get("InstanceStatuses", []):
                 born = self.launched.get(st["InstanceId"])
                 # Status checks start once the instance runs, i.e. after the boot delay.
-                if born is not None and now - born < self.boot_seconds + self.status_seconds:
+                boot = self.boot_of(st["InstanceId"])
+                if born is not None and now - born < boot + self.status_seconds:
                     st["InstanceStatus"] = {"Status": "initializing", "Details": []}
         elif op == "DescribeTargetHealth":
             descriptions = parsed.get("TargetHealthDescriptions", [])
