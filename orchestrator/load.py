@@ -120,18 +120,22 @@ class LoadResult:
         window: tuple[float, float] | None = None,
         exclude: tuple[float, float] | None = None,
         ok_only: bool = False,
+        kind: Kind | None = None,
     ) -> dict[str, float]:
         """Latency p50/p99/max in milliseconds, plus the sample count.
 
         ``window`` keeps samples sent inside ``[lo, hi]``; ``exclude`` drops
         samples sent inside ``[lo, hi]``; both are epoch seconds and may be
-        combined.  Failures are included unless ``ok_only``, because a request
-        that timed out is latency a real client suffered.  With no matching
-        samples every figure is 0.0.
+        combined.  ``kind`` keeps only reads or only writes.  Failures are
+        included unless ``ok_only``, because a request that timed out is
+        latency a real client suffered.  With no matching samples every figure
+        is 0.0.
         """
         picked: list[float] = []
         for s in self.samples:
             if ok_only and not s.ok:
+                continue
+            if kind is not None and s.kind != kind:
                 continue
             when = self.epoch(s)
             if window is not None and not window[0] <= when <= window[1]:

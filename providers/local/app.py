@@ -413,11 +413,20 @@ class PackageState:
 
 
 class Database:
-    """The db role's SQLite store; one connection, serialised by a lock."""
+    """The db role's SQLite store; one connection, serialised by a lock.
+
+    :meth:`summary` is kept up to date as rows are committed, so it costs O(1) rather
+    than a pass over every row: it runs while writes are frozen (the rebuild's final
+    sync compares both dbs), where its time is the clients' wait.
+    """
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        # The summary of every row with id <= _max_id, in id order; None: recompute.
+        self._digest: Any = None
+        self._count = 0
+        self._max_id = 0
         # Autocommit mode: every INSERT is its own durable transaction, batches use
         # explicit BEGIN/COMMIT.
         self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
@@ -426,6 +435,8 @@ class Database:
         self._conn.execute(
             "CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY, payload TEXT NOT NULL)"
         )
+        # At boot, before serving: from then on only the rows committed are added.
+        self._summarise()
 
     def close(self) -> None:
         """Close the connection (used on shutdown)."""
@@ -437,6 +448,8 @@ class Database:
         with self._lock:
             cur = self._conn.execute("INSERT INTO items (payload) VALUES (?)", (payload,))
             row_id = cur.lastrowid
+            if row_id is not None:
+                self._extend_summary([(row_id, payload)])
         if row_id is None:
             raise RuntimeError("sqlite returned no row id")
         return row_id
@@ -471,6 +484,7 @@ class Database:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
+            self._extend_summary(sorted(rows, key=lambda r: r[0]))
             return self._conn.total_changes - before
 
     def max_id(self) -> int:
@@ -479,17 +493,40 @@ class Database:
             row = self._conn.execute("SELECT COALESCE(MAX(id), 0) FROM items").fetchone()
         return int(row[0])
 
+    def _extend_summary(self, rows: list[tuple[int, str]]) -> None:
+        """Account for rows just committed, in id order (caller holds the lock).
+
+        Rows past the summarised end extend it; any other row (an id below the end, or
+        one INSERT OR IGNORE may have skipped) drops it, to be recomputed when asked.
+        """
+        if self._digest is None:
+            return
+        for row_id, payload in rows:
+            if row_id <= self._max_id:
+                self._digest = None
+                return
+            self._digest.update(f"{row_id}:{payload}\n".encode())
+            self._count += 1
+            self._max_id = int(row_id)
+
     def summary(self) -> dict[str, Any]:
-        """Row count, max id and a checksum that is equal iff the rows are equal."""
-        digest = hashlib.sha256()
-        count = 0
-        max_id = 0
+        """Row count, max id and a checksum that is equal iff the rows are equal: the
+        SHA-256 of every ``id:payload\\n`` line in id order."""
         with self._lock:
-            for row_id, payload in self._conn.execute("SELECT id, payload FROM items ORDER BY id"):
-                digest.update(f"{row_id}:{payload}\n".encode())
-                count += 1
-                max_id = int(row_id)
-        return {"count": count, "max_id": max_id, "checksum": digest.hexdigest()}
+            if self._digest is None:
+                self._summarise()
+            checksum = self._digest.copy().hexdigest()
+            return {"count": self._count, "max_id": self._max_id, "checksum": checksum}
+
+    def _summarise(self) -> None:
+        """Summarise every row afresh (caller holds the lock, or is __init__)."""
+        digest = hashlib.sha256()
+        count = max_id = 0
+        for row_id, payload in self._conn.execute("SELECT id, payload FROM items ORDER BY id"):
+            digest.update(f"{row_id}:{payload}\n".encode())
+            count += 1
+            max_id = int(row_id)
+        self._digest, self._count, self._max_id = digest, count, max_id
 
 
 @dataclass

@@ -402,6 +402,7 @@ class Proxy:
         self._ejected: dict[str, float] = {}  # member id -> until when it is passed over
         self._pools: dict[Member, deque[BackendConn]] = {}
         self._clients: set[asyncio.StreamWriter] = set()
+        self._members_lock = asyncio.Lock()
         self._stopping = False
 
     # -- members -------------------------------------------------------------------------
@@ -424,18 +425,26 @@ class Proxy:
         """Members and version, as the control API shows them."""
         return {"members": [m.as_json() for m in self.members], "version": self.version}
 
-    def set_members(self, members: list[Member]) -> dict[str, Any]:
-        """Swap the member set atomically (no await in here) and persist it."""
-        new_state = {"members": [m.as_json() for m in members], "version": self.version + 1}
-        # Persist first: if the disk write fails, the old set keeps serving unchanged.
-        atomic_write_text(self.members_path, json.dumps(new_state, indent=2) + "\n")
-        self.members = members
-        self.version += 1
-        current = set(members)
-        for member in [m for m in self._pools if m not in current]:
-            for conn in self._pools.pop(member):
-                conn.close()
-        return self.state()
+    async def set_members(self, members: list[Member]) -> dict[str, Any]:
+        """Persist the new member set, then swap it in atomically (no await in the swap).
+
+        The write (with its fsync, several milliseconds on a busy disk) runs in a worker
+        thread so the event loop keeps relaying requests, to the old members, meanwhile;
+        changes are serialized so versions and the file stay in step. Connections of
+        clients are never touched: their next request simply goes to a current member.
+        """
+        async with self._members_lock:
+            new_state = {"members": [m.as_json() for m in members], "version": self.version + 1}
+            text = json.dumps(new_state, indent=2) + "\n"
+            # Persist first: if the disk write fails, the old set keeps serving unchanged.
+            await asyncio.to_thread(atomic_write_text, self.members_path, text)
+            self.members = members
+            self.version += 1
+            current = set(members)
+            for member in [m for m in self._pools if m not in current]:
+                for conn in self._pools.pop(member):
+                    conn.close()
+            return self.state()
 
     def stats(self) -> dict[str, Any]:
         """Counters for the control API."""
@@ -690,7 +699,7 @@ class Proxy:
                     keep_alive = head.keep_alive()
                     body = await self._read_request_body(reader, writer, head)
                     if token_ok(self.token, head.get(TOKEN_HEADER)):
-                        status, obj = self._control(head.start[0], head.start[1], body)
+                        status, obj = await self._control(head.start[0], head.start[1], body)
                     else:
                         status, obj = 403, {"error": f"a valid {TOKEN_HEADER} header is required"}
                 except ProtocolError as exc:
@@ -712,7 +721,7 @@ class Proxy:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
-    def _control(self, method: str, target: str, body: bytes) -> tuple[int, Any]:
+    async def _control(self, method: str, target: str, body: bytes) -> tuple[int, Any]:
         path = target.split("?", 1)[0]
         if path == "/members":
             if method == "GET":
@@ -725,7 +734,7 @@ class Proxy:
                     members = _parse_members(raw.get("members"))
                 except ValueError as exc:
                     return 400, {"error": str(exc)}
-                state = self.set_members(members)
+                state = await self.set_members(members)
                 _log(f"members v{self.version}: {[m.id for m in members]}")
                 return 200, state
             return 405, {"error": f"{method} not allowed on /members"}
