@@ -48,7 +48,6 @@ from orchestrator.security import read_status as read_security
 from orchestrator.settings import HygienePolicy, StackConfig
 from orchestrator.state import StateStore, open_store
 from orchestrator.state.base import VersionRecord
-from strategies.upgrade_steps import min_serving
 
 if TYPE_CHECKING:
     from providers.base import Provider
@@ -514,6 +513,10 @@ def stack_recommendation(
 def _in_place_min_healthy(config: StackConfig, audits: list[ServerAudit]) -> int | None:
     """None when `upgrade` (one server at a time) keeps min-healthy in service; else the
     highest `--min-healthy` that lets one server out."""
+    # Imported here: the local provider imports this module, so `changeover stacks` would
+    # load the upgrade strategy (and all it imports) at start-up for nothing.
+    from strategies.upgrade_steps import min_serving  # noqa: PLC0415
+
     pct = config.defaults.min_healthy
     routed_roles = {r for ep in config.entry_points for r in ep.roles}
     lowest: int | None = None

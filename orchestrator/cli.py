@@ -1,7 +1,8 @@
 """The command line: the only place that reads config and the environment.
 
 Heavy modules (the engine, providers, pydantic settings, and above all boto3 and
-libcloud) are imported inside the commands, so `changeover --help` stays fast.
+libcloud) are imported inside the commands, so `changeover --help`, `status` and `stacks`
+start fast (tests/test_startup.py pins what each loads; bench/startup.py times them).
 Results go to stdout (a table on a terminal, plain text otherwise, or one JSON object
 with --output json); logs and progress go to stderr.
 """
@@ -65,13 +66,15 @@ class State:
                 log_format=o["log_format"],
                 verbose=o["verbose"] or None,
             )
-            from orchestrator.errors import BadInput, ConfigError
-            from orchestrator.guard import parse_call_spec
-
             for var, spec in (
                 ("CHANGEOVER_CRASH_AFTER_CALL", self._settings.crash_after_call),
                 ("CHANGEOVER_CRASH_BEFORE_CALL", self._settings.crash_before_call),
             ):
+                if spec is None:  # the usual case: no need to load the guard (providers)
+                    continue
+                from orchestrator.errors import BadInput, ConfigError
+                from orchestrator.guard import parse_call_spec
+
                 try:  # checked before anything is created
                     parse_call_spec(spec)
                 except BadInput as exc:
@@ -1146,6 +1149,23 @@ def local_status(ctx: typer.Context) -> None:
     )
 
 
+def _resolve_annotations(typer_app: typer.Typer) -> None:
+    """Evaluate the annotations of every command (and callback) once. typer builds the
+    whole command tree on each run and reads each command's annotations four times
+    (inspect.signature(eval_str=True) and get_type_hints, twice each); being strings here
+    (`from __future__ import annotations`), each read compiled them afresh: about 40 M
+    instructions of every run, `status` and `--help` too (tests/test_startup.py)."""
+    import typing
+
+    for info in [typer_app.registered_callback, *typer_app.registered_commands]:
+        func = info.callback if info is not None else None
+        if func is not None:
+            func.__annotations__ = typing.get_type_hints(func, include_extras=True)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _resolve_annotations(group.typer_instance)
+
+
 def main() -> None:
     """Entry point: map errors to one line on stderr and the contract's exit codes."""
     import os
@@ -1155,6 +1175,7 @@ def main() -> None:
     # Everything changeover and its local cloud write (state dir, journal, logs, the
     # control token) is for this user alone.
     os.umask(0o077)
+    _resolve_annotations(app)
     try:
         app()  # standalone: typer prints usage errors itself and exits 2
     except ChangeoverError as exc:

@@ -32,20 +32,11 @@ import threading
 import time
 import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, Protocol
-
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential,
-)
-from tenacity.stop import stop_base
 
 from orchestrator import events as log_events
 from orchestrator.errors import ConfigError
@@ -53,7 +44,14 @@ from orchestrator.log import get_logger
 from orchestrator.redact import redact, register_secret
 
 if TYPE_CHECKING:
+    import urllib.request
+
+    from tenacity import RetryCallState
+
     from orchestrator.settings import Notification, Settings, StackConfig
+
+# urllib.request and tenacity are imported when a notification is sent: settings.py
+# imports this module for its checks, and every command, `status` too, loads settings.
 
 # What a webhook may subscribe to: a run began, traffic moved to new servers, and each
 # way a run can end in the engine (a no-op or a locked stack never starts a run).
@@ -205,20 +203,25 @@ class Send(Protocol):
     ) -> None: ...
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # A redirect would carry the Authorization header to wherever it points.
-    def redirect_request(self, *_: Any, **__: Any) -> None:
-        return None
+@cache
+def _opener() -> urllib.request.OpenerDirector:
+    import urllib.request  # noqa: PLC0415 - when sending (see above)
 
+    class _NoRedirect(urllib.request.HTTPRedirectHandler):
+        # A redirect would carry the Authorization header to wherever it points.
+        def redirect_request(self, *_: Any, **__: Any) -> None:
+            return None
 
-_OPENER = urllib.request.build_opener(_NoRedirect())
+    return urllib.request.build_opener(_NoRedirect())
 
 
 def post_json(url: str, body: bytes, headers: Mapping[str, str], timeout: float) -> None:
     """The real transport: urllib, no redirects, the proxy variables honoured."""
+    import urllib.request  # noqa: PLC0415 - when sending (see above)
+
     req = urllib.request.Request(url, data=body, method="POST", headers=dict(headers))
     try:
-        with _OPENER.open(req, timeout=timeout) as resp:
+        with _opener().open(req, timeout=timeout) as resp:
             resp.read(65536)
     except urllib.error.HTTPError as exc:
         with exc:
@@ -241,16 +244,6 @@ class DeliveryPolicy:
     timeout: float = POST_TIMEOUT
     backoff_initial: float = BACKOFF_INITIAL
     backoff_max: float = BACKOFF_MAX
-
-
-class _StopWhenSet(stop_base):
-    """Stop retrying once the process has given up waiting."""
-
-    def __init__(self, flag: threading.Event) -> None:
-        self.flag = flag
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        return self.flag.is_set()
 
 
 class _Worker:
@@ -305,6 +298,14 @@ class _Worker:
         self.abandon.wait(seconds)  # ends at once when the process gives up waiting
 
     def _deliver(self, event: str, body: bytes) -> None:
+        from tenacity import (  # noqa: PLC0415 - when sending (see above)
+            Retrying,
+            retry_if_exception,
+            stop_after_attempt,
+            stop_when_event_set,
+            wait_exponential,
+        )
+
         log = get_logger(webhook=self.target.label, notify_event=event)
         headers = {
             "Content-Type": "application/json",
@@ -319,7 +320,8 @@ class _Worker:
             log.info(log_events.NOTIFY_RETRY, attempt=state.attempt_number, error=str(exc))
 
         retrying = Retrying(
-            stop=stop_after_attempt(policy.attempts) | _StopWhenSet(self.abandon),
+            # ... or once the process has given up waiting.
+            stop=stop_after_attempt(policy.attempts) | stop_when_event_set(self.abandon),
             wait=wait_exponential(multiplier=policy.backoff_initial, max=policy.backoff_max),
             retry=retry_if_exception(lambda e: isinstance(e, DeliveryError) and e.retryable),
             sleep=self._sleep,

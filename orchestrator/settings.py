@@ -1,9 +1,17 @@
-"""Configuration: one pydantic-settings root, read once by the CLI and passed down typed.
+"""Configuration: one pydantic root, read once by the CLI and passed down typed.
 
 Sources, highest first: CLI flags, ``CHANGEOVER_*`` environment variables (nested keys
 with ``__``, e.g. ``CHANGEOVER_STACKS__DEMO__DEFAULTS__BAKE=5``), the TOML file. With no
 file at all, a built-in ``demo`` stack on the local cloud is configured so the
 quickstart works from a fresh clone.
+
+Every command reads the settings, `status` and `stacks` too, which a cron job or a shell
+prompt calls often (tests/test_startup.py pins what they load). So pydantic-settings,
+which reads the variables, is imported only when a ``CHANGEOVER_*`` variable sets a
+setting: it loads asyncio, argparse and all its sources, over 100 M instructions.
+Without one, the flags and the file are merged as its sources would merge them
+(tests/test_startup.py compares the two). The checks of a notification and of a
+maintenance window import their modules when there is one to check.
 """
 
 from __future__ import annotations
@@ -29,20 +37,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import (
-    BaseSettings,
-    EnvSettingsSource,
-    InitSettingsSource,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    SettingsError,
-)
 
 from orchestrator.errors import BadInput, ConfigError
-from orchestrator.notify import EVENTS as NOTIFY_EVENTS
-from orchestrator.notify import check_events, check_header_env, check_webhook
 from orchestrator.state.url import DEFAULT_STATE, parse_state
-from orchestrator.windows import Window
 
 DEFAULT_CONFIG_FILE = "changeover.toml"
 # XDG's place for state that outlives a process but is not config.
@@ -105,6 +102,12 @@ Float = Annotated[float, Strict(), BeforeValidator(_float_from_text)]
 Bool = Annotated[bool, Strict(), BeforeValidator(_bool_from_text)]
 
 
+def _empty_list() -> list[Any]:
+    """`default_factory=list`, but cheaper to set up: for the built-in `list`, pydantic
+    asks inspect for its signature, which parses its text (tokenize) every time."""
+    return []
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -145,7 +148,7 @@ class HygienePolicy(_Strict):
         default_factory=dict, description="component -> lowest acceptable version"
     )
     components: list[str] = Field(
-        default_factory=list, description="extra components whose versions are recorded"
+        default_factory=_empty_list, description="extra components whose versions are recorded"
     )
     transport: Literal["auto", "local", "ssh", "ssm"] = "auto"
     ssh: SshOptions = SshOptions()
@@ -184,8 +187,8 @@ class LaunchOptions(_Strict):
         default=None, description="e.g. /aws/service/debian/release/12/latest/amd64"
     )
     instance_type: str | None = None
-    subnets: list[str] = Field(default_factory=list)
-    security_groups: list[str] = Field(default_factory=list)
+    subnets: list[str] = Field(default_factory=_empty_list)
+    security_groups: list[str] = Field(default_factory=_empty_list)
     key_name: str | None = None
     instance_profile: str | None = None
     user_data: str | None = Field(default=None, description="merged with changeover's cloud-init")
@@ -344,7 +347,7 @@ class MaintenanceWindows(_Strict):
     """When campaigns (`upgrade`, `rotate`) may run: `--window` overrides `open`."""
 
     open: list[str] = Field(
-        default_factory=list,
+        default_factory=_empty_list,
         description="windows like 'Sat,Sun 02:00-05:00 Europe/Berlin'; empty: any time",
     )
     batch_estimate: Float = Field(
@@ -356,6 +359,8 @@ class MaintenanceWindows(_Strict):
     @field_validator("open")
     @classmethod
     def _check_windows(cls, specs: list[str]) -> list[str]:
+        from orchestrator.windows import Window  # noqa: PLC0415 - see the module docstring
+
         for spec in specs:
             try:
                 Window.parse(spec)
@@ -487,6 +492,12 @@ Gate = Annotated[
 ]
 
 
+def _all_events() -> list[str]:
+    from orchestrator.notify import EVENTS  # noqa: PLC0415 - see the module docstring
+
+    return list(EVENTS)
+
+
 class Notification(_Strict):
     """A webhook told about runs (orchestrator/notify.py): a JSON POST per event it
     lists. Secrets stay out of this file: `webhook_env` and `headers_env` name the
@@ -498,9 +509,7 @@ class Notification(_Strict):
         pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$",
         description="the environment variable holding the URL (when the URL is a secret)",
     )
-    events: list[str] = Field(
-        default_factory=lambda: list(NOTIFY_EVENTS), description="default: every event"
-    )
+    events: list[str] = Field(default_factory=_all_events, description="default: every event")
     headers_env: dict[str, str] = Field(
         default_factory=dict,
         description="header name -> the environment variable holding its value (a token)",
@@ -509,16 +518,22 @@ class Notification(_Strict):
     @field_validator("webhook")
     @classmethod
     def _check_webhook(cls, url: str | None) -> str | None:
+        from orchestrator.notify import check_webhook  # noqa: PLC0415 - see above
+
         return None if url is None else check_webhook(url)
 
     @field_validator("events")
     @classmethod
     def _check_events(cls, names: list[str]) -> list[str]:
+        from orchestrator.notify import check_events  # noqa: PLC0415 - see above
+
         return check_events(names)
 
     @field_validator("headers_env")
     @classmethod
     def _check_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        from orchestrator.notify import check_header_env  # noqa: PLC0415 - see above
+
         return check_header_env(headers)
 
     @model_validator(mode="after")
@@ -585,7 +600,8 @@ class EntryPoint(_Strict):
     proxy: str | None = Field(default=None, min_length=1)
     type: AddressType = Field(default="auto", description="with `address`: what it names")
     roles: list[str] = Field(
-        default_factory=list, description="the roles served through it; empty: every serving role"
+        default_factory=_empty_list,
+        description="the roles served through it; empty: every serving role",
     )
 
     @model_validator(mode="after")
@@ -707,7 +723,7 @@ class StackConfig(_Strict):
     )
     address_type: AddressType = "auto"
     addresses: list[EntryPoint] = Field(
-        default_factory=list, description="several entry points, each serving named roles"
+        default_factory=_empty_list, description="several entry points, each serving named roles"
     )
     libcloud: LibcloudOptions | None = None
     static: StaticOptions | None = Field(
@@ -721,7 +737,7 @@ class StackConfig(_Strict):
     )
     windows: MaintenanceWindows = MaintenanceWindows()
     gates: list[Gate] = Field(
-        default_factory=list,
+        default_factory=_empty_list,
         description="alarm gates checked during a bake and a canary watch: http, "
         "prometheus or cloudwatch_alarm",
     )
@@ -729,7 +745,7 @@ class StackConfig(_Strict):
         default=LifecycleHooks(), description="pre_drain, pre_terminate, post_cutover"
     )
     notify: list[Notification] = Field(
-        default_factory=list, description="webhooks told when runs start, cut over and end"
+        default_factory=_empty_list, description="webhooks told when runs start, cut over and end"
     )
 
     @model_validator(mode="before")
@@ -847,14 +863,17 @@ DEMO_STACK: dict[str, Any] = {
 }
 
 
-class Settings(BaseSettings):
+class Settings(BaseModel):
     """The root of all configuration."""
 
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter=ENV_DELIMITER,
+    # What pydantic-settings' BaseSettings sets for validation (_build_with_env() adds its
+    # sources). Built when first validated: when a variable is set, only _Loaded is.
+    model_config = ConfigDict(
         extra="forbid",
         allow_inf_nan=False,
+        validate_default=True,
+        arbitrary_types_allowed=True,
+        defer_build=True,
     )
 
     state_dir: Path = DEFAULT_STATE_DIR
@@ -876,7 +895,7 @@ class Settings(BaseSettings):
     test_clock: str | None = None
     lock_ttl: Float = Field(default=60.0, gt=1)
     notify: list[Notification] = Field(
-        default_factory=list, description="webhooks told about the runs of every stack"
+        default_factory=_empty_list, description="webhooks told about the runs of every stack"
     )
 
     @field_validator("state")
@@ -958,14 +977,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _field_env_vars() -> dict[str, str]:
-    """The CHANGEOVER_* variables that set a setting: lower-cased name -> name as set."""
+    """The CHANGEOVER_* variables that set a setting: lower-cased name -> name as set.
+    pydantic-settings reads these and no others (it matches lower-cased names)."""
     out: dict[str, str] = {}
+    prefix = ENV_PREFIX.lower()
     for name in os.environ:
-        if not name.upper().startswith(ENV_PREFIX):
-            continue
-        head = name[len(ENV_PREFIX) :].split(ENV_DELIMITER, 1)[0].lower()
-        if head in Settings.model_fields:
-            out[name.lower()] = name
+        low = name.lower()
+        head = low[len(prefix) :].split(ENV_DELIMITER, 1)[0]
+        if low.startswith(prefix) and head in Settings.model_fields:
+            out[low] = name
     return out
 
 
@@ -973,16 +993,37 @@ def _env_path(name: str) -> tuple[str, ...]:
     return tuple(name.lower()[len(ENV_PREFIX) :].split(ENV_DELIMITER))
 
 
-class _Env(EnvSettingsSource):
-    """The CHANGEOVER_* variables, less some: to find which one an error comes from."""
+class _EnvNotJSON(Exception):
+    """A variable that must hold JSON (a table or a list) does not: pydantic-settings'
+    SettingsError."""
 
-    def __init__(self, settings_cls: type[BaseSettings], exclude: frozenset[str]) -> None:
-        self._exclude = exclude
-        super().__init__(settings_cls)
 
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        env = super()._load_env_vars()
-        return {k: v for k, v in env.items() if k.lower() not in self._exclude}
+def _as_source(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` as pydantic-settings' InitSettingsSource passes it on (case-insensitive): a
+    key naming a setting in any case becomes its name (of several spellings the first
+    wins, the others are dropped); other keys stay as they are, to be refused."""
+    out: dict[str, Any] = {}
+    rest = dict(data)
+    for field in Settings.model_fields:
+        spellings = [key for key in rest if key.lower() == field]
+        if spellings:
+            out[field] = rest[spellings[0]]
+            for key in spellings:
+                del rest[key]
+    out.update(rest)
+    return out
+
+
+def _merged(low: dict[str, Any], high: dict[str, Any]) -> dict[str, Any]:
+    """`high` over `low`, tables merged key by key (pydantic's deep_update)."""
+    out = dict(low)
+    for key, value in high.items():
+        below = out.get(key)
+        if isinstance(below, dict) and isinstance(value, dict):
+            out[key] = _merged(below, value)
+        else:
+            out[key] = value
+    return out
 
 
 def _build(
@@ -994,8 +1035,40 @@ def _build(
 ) -> Settings:
     # Lowest priority, so CHANGEOVER_STACKS__DEMO__... still deep-merges over the demo.
     base = file_data if file_data is not None else {"stacks": {"demo": DEMO_STACK}}
+    if use_env and set(_field_env_vars()) - exclude:
+        return _build_with_env(base, overrides, exclude)
+    # No variable sets anything: the flags over the file, as pydantic-settings merges them.
+    return Settings.model_validate(_merged(_as_source(base), _as_source(overrides)))
 
-    class _Loaded(Settings):
+
+def _build_with_env(
+    base: dict[str, Any], overrides: dict[str, Any], exclude: frozenset[str]
+) -> Settings:
+    """The flags, then the CHANGEOVER_* variables less `exclude` (to find which one an
+    error comes from), then `base`, read by pydantic-settings."""
+    from pydantic_settings import (  # noqa: PLC0415 - see the module docstring
+        BaseSettings,
+        EnvSettingsSource,
+        InitSettingsSource,
+        PydanticBaseSettingsSource,
+        SettingsConfigDict,
+        SettingsError,
+    )
+
+    class _Env(EnvSettingsSource):
+        def _load_env_vars(self) -> Mapping[str, str | None]:
+            env = super()._load_env_vars()
+            return {k: v for k, v in env.items() if k.lower() not in exclude}
+
+    class _Loaded(BaseSettings, Settings):
+        model_config = SettingsConfigDict(
+            env_prefix=ENV_PREFIX,
+            env_nested_delimiter=ENV_DELIMITER,
+            extra="forbid",
+            allow_inf_nan=False,
+            defer_build=False,
+        )
+
         @classmethod
         def settings_customise_sources(
             cls,
@@ -1005,13 +1078,12 @@ def _build(
             dotenv_settings: PydanticBaseSettingsSource,
             file_secret_settings: PydanticBaseSettingsSource,
         ) -> tuple[PydanticBaseSettingsSource, ...]:
-            sources: list[PydanticBaseSettingsSource] = [init_settings]
-            if use_env:
-                sources.append(_Env(settings_cls, exclude))
-            sources.append(InitSettingsSource(settings_cls, base))
-            return tuple(sources)
+            return init_settings, _Env(settings_cls), InitSettingsSource(settings_cls, base)
 
-    return _Loaded(**overrides)
+    try:
+        return _Loaded(**overrides)
+    except SettingsError:
+        raise _EnvNotJSON from None
 
 
 def _problems(attempt: Callable[[], Settings]) -> set[ErrorKey]:
@@ -1020,7 +1092,7 @@ def _problems(attempt: Callable[[], Settings]) -> set[ErrorKey]:
         attempt()
     except ValidationError as exc:
         return {_error_key(e) for e in exc.errors()}
-    except SettingsError:
+    except _EnvNotJSON:
         return {SETTINGS_ERROR}
     return set()
 
@@ -1080,7 +1152,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         return _build(file_data, clean)
     except ValidationError as exc:
         raise ConfigError(_explain(exc, source, file_data, clean)) from None
-    except SettingsError:
+    except _EnvNotJSON:
         # A variable that must hold JSON (a table or a list) does not.
         names = _culprits(_field_env_vars(), SETTINGS_ERROR, file_data, clean)
         raise ConfigError(

@@ -12,7 +12,6 @@ import time
 from collections import Counter
 from typing import Any
 
-from orchestrator.audit import check_hygiene, select_transport
 from orchestrator.errors import (
     CapabilityError,
     ChangeoverError,
@@ -184,7 +183,11 @@ class LocalProvider:
         else:
             raise CapabilityError("local", f"health check type {check.type!r}", "use http or tcp")
         # Host hygiene: the same fact script, parsers and policy as on every provider
-        # (orchestrator/hygiene.py), here answered by the simulated host.
+        # (orchestrator/hygiene.py), here answered by the simulated host. Imported here:
+        # `changeover stacks` loads this provider but checks no host, and the audit
+        # module imports much (tests/test_startup.py).
+        from orchestrator.audit import check_hygiene, select_transport  # noqa: PLC0415
+
         try:
             facts, verdict = check_hygiene(select_transport(self, policy), current, policy)
         except ChangeoverError as exc:
