@@ -207,7 +207,18 @@ class Engine:
         self.journal.event(rec.id, lease, "resumed", detail=rec.status)
         self.on_event("run_started", _started(rec.id, plan, resumed=True))
         records = self.journal.steps(rec.id)
-        if _barrier(plan, records) is None and rec.status in ("rolling_back", "dirty"):
+        # A lane that failed past its point of no return (dirty, nothing undone yet) is
+        # finished by going forward, like a step of the plan's own sequence.
+        lane_forward = (
+            rec.status == "dirty"
+            and bool(_crossed_lanes(plan, records))
+            and not any(r.undo_state for r in records)
+        )
+        if (
+            _barrier(plan, records) is None
+            and not lane_forward
+            and rec.status in ("rolling_back", "dirty")
+        ):
             # A run that began undoing only ever goes on undoing.
             return self._rollback(rec.id, plan, lease, cause="resumed an interrupted rollback")
         # Not rolling back, or past its point of no return: only forward is left.

@@ -172,3 +172,28 @@ def test_kill_mid_destroy_while_another_lane_boots(
     assert not set(live) - set(members) - {world.data_server()}, "a server left behind"
     check_call_order(world, before)
     check_serving_only(world, run_id)
+
+
+@pytest.mark.slow
+def test_a_destroy_that_fails_past_its_point_of_no_return_is_resumed_forward(
+    make_world: Callable[..., World],
+) -> None:
+    """The first destroy call of a 4-server rotate (--max-surge 2) fails for good: that
+    lane is past its point of no return, so the run ends dirty (exit 3), not rolled back.
+    `resume` then goes forward: the destroy is done again and every lane finishes."""
+    world = make_world(roles=FOUR_WEB)
+    before = sorted(world.members())
+    world.cloud.inject("fail_call", op="destroy_servers", times=1, error="fatal")
+    code, out = world.cli_json("rotate", "demo", "--yes", "--max-surge", "2")
+    assert code == 3, out.get("_stderr")
+    assert "past its point of no return" in out["message"], out["message"]
+    run_id = out["run_id"]
+    proc = world.cli("resume", run_id)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert run_status(world, run_id) == "succeeded"
+    members = world.members()
+    live = world.live_servers()
+    assert len(members) == 4 and {live[m]["generation"] for m in members} == {2}
+    assert not set(live) - set(members) - {world.data_server()}, "a server left behind"
+    check_call_order(world, before)
+    check_serving_only(world, run_id)
