@@ -160,12 +160,41 @@ def connect(state_dir: Path) -> sqlite3.Connection:
     _owner_only(path)
     conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
-    conn.execute("PRAGMA journal_mode=WAL")
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc):
+            raise
+        _wal_when_free(conn)
     conn.execute("PRAGMA synchronous=FULL")  # a journal entry must survive a power cut
     conn.executescript(SCHEMA)
     for suffix in ("-wal", "-shm"):  # made by an older changeover, or under another umask
         _owner_only(path.with_name(DB_NAME + suffix))
     return conn
+
+
+def _wal_when_free(conn: sqlite3.Connection) -> None:
+    """Switch to WAL mode, retried: SQLite answers "database is locked" at once, without
+    waiting `timeout`, when the connection opens the WAL while another one holds it for
+    a moment (a checkpoint, a recovery). tenacity is imported only here, on that rare
+    path: `status` opens the store and starts without it."""
+    from tenacity import (  # noqa: PLC0415 - see the docstring
+        Retrying,
+        retry_if_exception,
+        stop_after_delay,
+        wait_exponential,
+    )
+
+    for attempt in Retrying(
+        stop=stop_after_delay(10.0),
+        wait=wait_exponential(multiplier=0.01, max=0.5),
+        retry=retry_if_exception(
+            lambda e: isinstance(e, sqlite3.OperationalError) and "locked" in str(e)
+        ),
+        reraise=True,
+    ):
+        with attempt:
+            conn.execute("PRAGMA journal_mode=WAL")
 
 
 # --------------------------------------------------------------------------------------
