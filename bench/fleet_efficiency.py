@@ -43,28 +43,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import structlog
 from moto import mock_aws
 
-from orchestrator.engine import Engine
 from strategies.rotate import plan_rotate
+from tests.aws.clock import VirtualClock, fleet
 from tests.aws.faults import AwsFaults
-from tests.aws.world import AwsWorld
 
 TARGET_RATIO = 1.10
 MAX_CALLS_PER_SERVER = 10
 DELAYS = {"status": 20.0, "health": 15.0, "drain": 30.0}
 BOOT, EXTRA_MEAN, SEED = 40.0, 30.0, 7
-
-
-class VirtualClock:
-    """A clock that moves only when someone sleeps, by exactly that long."""
-
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += max(seconds, 0.0)
 
 
 def sliding_bound(durations: list[float], slots: int) -> float:
@@ -82,17 +68,6 @@ def lockstep_bound(durations: list[float], slots: int) -> float:
 
 def run(servers: int, surge: int, *, extra_mean: float, lanes: bool) -> dict[str, Any]:
     with mock_aws(), tempfile.TemporaryDirectory() as tmp:
-        world = AwsWorld()
-        config = world.config(
-            address="tg",
-            web=servers,
-            db=False,
-            max_surge=surge,
-            min_healthy=100,
-            boot_timeout=3600,
-            drain_timeout=3600,
-        )
-        world.bootstrap(world.provider(config), config)
         vc = VirtualClock()
         faults = (
             AwsFaults(clock=vc.clock, seed=SEED)
@@ -101,12 +76,10 @@ def run(servers: int, surge: int, *, extra_mean: float, lanes: bool) -> dict[str
             .health_delay(DELAYS["health"])
             .drain_delay(DELAYS["drain"])
         )
-        provider = world.provider(config, faults, sleep=vc.sleep)
-        engine = Engine(
-            state_dir=Path(tmp), provider=provider, config=config, sleep=vc.sleep, clock=vc.clock
-        )
+        f = fleet(Path(tmp), vc, faults, servers=servers, surge=surge)
+        provider, engine = f.provider, f.engine
         started, wall = vc.now, time.monotonic()
-        result = engine.start(plan_rotate(provider, world.stack, config, lanes=lanes))
+        result = engine.start(plan_rotate(provider, f.world.stack, f.config, lanes=lanes))
         engine.close()
         took, wall = vc.now - started, time.monotonic() - wall
         launched = sorted(faults.launched, key=lambda i: faults.launched[i])

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from orchestrator.engine import Engine, RunResult
     from orchestrator.plan import Plan
     from orchestrator.settings import Settings, StackConfig
@@ -580,7 +582,7 @@ def _builder(strategy: str, **o: Any) -> Any:
         older = parse_duration(o["older_than"]) if o.get("older_than") else None
         return _campaign(
             o,
-            lambda p, n, c, lanes=True: plan_rotate(
+            lambda p, n, c, lanes: plan_rotate(
                 p,
                 n,
                 c,
@@ -596,13 +598,14 @@ def _builder(strategy: str, **o: Any) -> Any:
                 canary_watch=o.get("canary_watch"),
                 max_unhealthy=o.get("max_unhealthy"),
             ),
+            lanes=True,
         )
     if strategy == "upgrade":
         from strategies.upgrade import plan_upgrade
 
         return _campaign(
             o,
-            lambda p, n, c, lanes=True: plan_upgrade(
+            lambda p, n, c: plan_upgrade(
                 p,
                 n,
                 c,
@@ -616,9 +619,10 @@ def _builder(strategy: str, **o: Any) -> Any:
     raise BadInput(f"unknown strategy {strategy!r} (rebuild, rotate, upgrade)")
 
 
-def _campaign(o: dict[str, Any], build: Any) -> Any:
+def _campaign(o: dict[str, Any], build: Callable[..., Plan], *, lanes: bool = False) -> Any:
     """A rotate or upgrade plan with its maintenance windows (`--window` or the stack's
-    `[windows] open`): a window gate before each batch."""
+    `[windows] open`): a window gate before each batch. `lanes`: `build` takes `lanes`,
+    whether its replacements run side by side (a rotate's), which windows turn off."""
     from orchestrator.windows import Schedule
     from strategies.window import windowed
 
@@ -628,7 +632,8 @@ def _campaign(o: dict[str, Any], build: Any) -> Any:
     def plan(p: Provider, n: str, c: StackConfig) -> Plan:
         windows = list(o.get("window") or c.windows.open)
         # A campaign's window gates open one batch at a time: lockstep batches, no lanes.
-        return windowed(build(p, n, c, lanes=not windows), windows, c.windows.batch_estimate)
+        kw = {"lanes": not windows} if lanes else {}
+        return windowed(build(p, n, c, **kw), windows, c.windows.batch_estimate)
 
     return plan
 

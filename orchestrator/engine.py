@@ -23,9 +23,7 @@ from typing import Any, cast
 from tenacity import (
     RetryCallState,
     Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_after_delay,
+    retry_if_exception,
     wait_exponential,
     wait_random,
 )
@@ -289,6 +287,8 @@ class Engine:
         )
 
     def _attempt(self, step: Step, ctx: RunContext, fn: Callable[[], StepResult | None]) -> Any:
+        """Run `fn` under the step's retry policy. The caller bound `ctx.waits` to the step
+        (_begin_step, or an undo); what is still open of them is closed here."""
         policy = step.policy()
 
         def before_sleep(state: RetryCallState) -> None:
@@ -302,13 +302,20 @@ class Engine:
                 "retry", {"step": step.key, "attempt": state.attempt_number, "polling": polling}
             )
 
+        def spent(state: RetryCallState) -> bool:
+            # Tenacity's own time since the first attempt, as stop_after_delay reads it.
+            elapsed = state.seconds_since_start
+            assert elapsed is not None  # set once an attempt has an outcome
+            return policy.spent(state.attempt_number, elapsed)
+
+        # policy.gives_up, split as tenacity asks: retry what is transient until spent.
         retrying = Retrying(
-            stop=stop_after_attempt(policy.attempts) | stop_after_delay(policy.deadline),
+            stop=spent,
             # Exponential up to the cap, plus a little jitter: a step's retries poll the
             # world, so full jitter would only double the polls for the same overshoot.
             wait=wait_exponential(multiplier=policy.backoff_initial, max=policy.backoff_max)
             + wait_random(0, policy.backoff_initial),
-            retry=retry_if_exception_type(policy.transient),
+            retry=retry_if_exception(policy.is_transient),
             sleep=self.sleep,
             before_sleep=before_sleep,
             reraise=True,
@@ -323,7 +330,6 @@ class Engine:
             return fn()
 
         self._tries = 0
-        ctx.waits.start(step.key, self.on_event)
         ok = False
         try:
             result = retrying(call)
@@ -413,16 +419,9 @@ class Engine:
     ) -> RunResult | None:
         """Run step `idx` to its end under its retry policy; a RunResult if the run ends."""
         step = plan.steps[idx]
-        total = len(plan.steps)
-        self.journal.step_started(run_id, idx, lease)
-        ctx.log.info(events.STEP_STARTED, step=step.key, index=idx + 1, of=total)
-        self.on_event("step_started", {"step": step.key, "index": idx, "total": total})
+        self._crossed = self._begin_step(run_id, plan, lease, ctx=ctx, records=records, idx=idx)
         t0 = time.monotonic()
         self._doing = (run_id, idx, step)
-        self._crossed = records[idx].outputs.get("point_of_no_return") is not None
-        ctx.first_attempt = records[idx].state == "pending"
-        ctx.marks = dict(records[idx].outputs)
-        ctx.journal_marks = self._marker(run_id, idx, lease)  # RunContext.mark
         try:
             result: StepResult = self._attempt(step, ctx, step_call(step.do, ctx))
         except FencedError:
@@ -453,6 +452,32 @@ class Engine:
             run_id, plan, lease, ctx=ctx, idx=idx, result=result, seconds=time.monotonic() - t0
         )
         return None
+
+    def _begin_step(
+        self,
+        run_id: str,
+        plan: Plan,
+        lease: Lease,
+        *,
+        ctx: RunContext,
+        records: list[StepRecord],
+        idx: int,
+    ) -> bool:
+        """Step `idx` begins: journal and announce it, and bind `ctx` (the run's, or a
+        lane's own) to it: its marks, its waits, whether it ever began before. Returns
+        whether it already crossed its point of no return (in a process that was killed),
+        for the caller to keep: the engine's `_crossed`, or the lane's."""
+        step = plan.steps[idx]
+        rec = records[idx]
+        total = len(plan.steps)
+        self.journal.step_started(run_id, idx, lease)
+        ctx.log.info(events.STEP_STARTED, step=step.key, index=idx + 1, of=total)
+        self.on_event("step_started", {"step": step.key, "index": idx, "total": total})
+        ctx.first_attempt = rec.state == "pending"
+        ctx.marks = dict(rec.outputs)
+        ctx.journal_marks = self._marker(run_id, idx, lease)  # RunContext.mark
+        ctx.waits.start(step.key, self.on_event)  # closed when its attempts are over
+        return rec.outputs.get("point_of_no_return") is not None
 
     def _step_done(
         self,
@@ -567,6 +592,7 @@ class Engine:
             self.journal.event(run_id, lease, "undo_started", step=step.key)
             ctx.log.info(events.STEP_UNDO_STARTED, step=step.key)
             self.on_event("undo_started", {"step": step.key})
+            ctx.waits.start(step.key, self.on_event)
             try:
                 self._attempt(step, ctx, step_call(step.undo, ctx))
             except FencedError:

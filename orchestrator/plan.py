@@ -60,6 +60,20 @@ class RetryPolicy:
     backoff_max: float = 2.0
     transient: tuple[type[BaseException], ...] = (TransientError,)
 
+    # The one retry rule, for the engine's tenacity loop and the lanes' polls alike.
+    def is_transient(self, exc: BaseException) -> bool:
+        """Is `exc` worth another attempt (the world not ready yet), not a failure?"""
+        return isinstance(exc, self.transient)
+
+    def spent(self, attempts: int, elapsed: float) -> bool:
+        """Are the step's attempts over: as many as it may make, or past its deadline?"""
+        return attempts >= self.attempts or elapsed >= self.deadline
+
+    def gives_up(self, exc: BaseException, attempts: int, elapsed: float) -> bool:
+        """After a failed attempt: does the step fail (a real error, or its attempts are
+        spent) rather than try again?"""
+        return not self.is_transient(exc) or self.spent(attempts, elapsed)
+
 
 NO_RETRY = RetryPolicy(attempts=1)
 

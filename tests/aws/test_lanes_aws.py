@@ -13,24 +13,13 @@ from typing import Any
 import pytest
 from moto import mock_aws
 
-from orchestrator.engine import Engine, RunResult
+from orchestrator.engine import RunResult
 from orchestrator.state import open_store
 from strategies.rotate import plan_rotate
+from tests.aws.clock import VirtualClock, fleet
 from tests.aws.faults import AwsFaults
-from tests.aws.world import AwsWorld
 
 PER_SERVER = 20.0 + 15.0 + 30.0  # status checks, target health, drain
-
-
-class VirtualClock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += max(seconds, 0.0)
 
 
 @dataclass
@@ -59,17 +48,6 @@ def _rotate(
     extras: list[float],
     unhealthy: tuple[int, ...] = (),
 ) -> Rotated:
-    world = AwsWorld()
-    config = world.config(
-        address="tg",
-        web=servers,
-        db=False,
-        max_surge=surge,
-        min_healthy=100,
-        boot_timeout=3600,
-        drain_timeout=3600,
-    )
-    world.bootstrap(world.provider(config), config)
     vc = VirtualClock()
     faults = (
         AwsFaults(clock=vc.clock)
@@ -79,17 +57,16 @@ def _rotate(
         .drain_delay(30.0)
         .unhealthy_launch(*unhealthy)
     )
-    provider = world.provider(config, faults, sleep=vc.sleep)
-    old = [s.id for s in provider.list_servers(world.stack)]
-    store = open_store(None, tmp_path, clock=vc.clock)
-    engine = Engine(store=store, provider=provider, config=config, sleep=vc.sleep, clock=vc.clock)
+    f = fleet(tmp_path, vc, faults, servers=servers, surge=surge)
+    provider, engine, config, stack = f.provider, f.engine, f.config, f.world.stack
+    old = [s.id for s in provider.list_servers(stack)]
     start = vc.now
-    result = engine.start(plan_rotate(provider, world.stack, config))
+    result = engine.start(plan_rotate(provider, stack, config))
     took = vc.now - start
     steps = {r.key: r.__dict__ for r in open_store(None, tmp_path).steps(result.run_id or "")}
     engine.close()
-    members = provider.get_members(world.stack, config.entry_points[0].name)
-    alive = {s.id for s in provider.list_servers(world.stack)}
+    members = provider.get_members(stack, config.entry_points[0].name)
+    alive = {s.id for s in provider.list_servers(stack)}
     return Rotated(
         result, took, steps, faults, sum(provider.api_calls.values()), members, alive, old
     )
