@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -51,7 +52,15 @@ from orchestrator.rehearse import World
 from orchestrator.settings import DEMO_STACK
 
 DEFAULT_LOADS = "250/0,250/30,250/50,500/0,500/30,500/50,1000/0,1000/30,1000/50"
-CONNECTIONS = 4
+# Keep-alive clients, each with one request out at a time: a write takes several ms under
+# load, so 4 clients cannot send 1,000 req/s with writes; one per 125 req/s, at least 4.
+MIN_CONNECTIONS, RATE_PER_CONNECTION = 4, 125.0
+
+
+def connections(rate: float) -> int:
+    return max(MIN_CONNECTIONS, math.ceil(rate / RATE_PER_CONNECTION))
+
+
 WINDOW_TAIL = 0.5  # seconds after the window's last step: answers still coming in
 WARMUP = 0.5  # seconds at the start of the load, and after the run, left out of steady state
 TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -258,7 +267,7 @@ def bench(
             world.up()
             gen = world.load(
                 rate=rate,
-                connections=CONNECTIONS,
+                connections=connections(rate),
                 write_ratio=write_ratio,
                 max_duration=600,
                 max_requests=10_000_000,
@@ -294,6 +303,7 @@ def bench(
     row: dict[str, Any] = {
         "strategy": strategy,
         "rate": rate,
+        "connections": connections(rate),
         "write_pct": round(write_ratio * 100),
         "exit_code": proc.returncode,
         "outcome": out.get("outcome"),
@@ -419,14 +429,17 @@ def main() -> None:
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "seconds": round(time.time() - started, 1),
-        "connections": CONNECTIONS,
+        "connections": {f"{rate:.0f}/s": connections(rate) for rate, _ in _loads(a.loads)},
         "bytecode_cache": cache is not None,
     }
     if a.json:
         print(json.dumps({**conditions, "runs": runs}))
         return
     print(
-        f"cutover benchmark on {machine}, {CONNECTIONS} keep-alive clients that never retry, "
+        f"cutover benchmark on {machine}, keep-alive clients that never retry (one per "
+        f"{RATE_PER_CONNECTION:.0f} req/s, at least {MIN_CONNECTIONS}: "
+        + ", ".join(f"{k} {v}" for k, v in conditions["connections"].items())
+        + "), "
         f"load average {conditions['load_average_before'][0]} before and "
         f"{conditions['load_average_after'][0]} after, {conditions['seconds']} s\n"
     )

@@ -22,7 +22,7 @@ for, and the injected latencies (tests/aws/faults.py) are measured on that clock
 the ratio is the orchestration's own overhead (polling granularity, serial steps), not
 this machine's speed.
 
-    python bench/fleet_efficiency.py [--servers 100] [--surge 10] [--json]
+    python bench/fleet_efficiency.py [--servers 100] [--surge 10] [--seed 7] [--json]
 """
 
 from __future__ import annotations
@@ -66,11 +66,13 @@ def lockstep_bound(durations: list[float], slots: int) -> float:
     return sum(max(durations[i : i + slots]) for i in range(0, len(durations), slots))
 
 
-def run(servers: int, surge: int, *, extra_mean: float, lanes: bool) -> dict[str, Any]:
+def run(
+    servers: int, surge: int, *, extra_mean: float, lanes: bool, seed: int = SEED
+) -> dict[str, Any]:
     with mock_aws(), tempfile.TemporaryDirectory() as tmp:
         vc = VirtualClock()
         faults = (
-            AwsFaults(clock=vc.clock, seed=SEED)
+            AwsFaults(clock=vc.clock, seed=seed)
             .boot_delay(BOOT, extra_mean=extra_mean)
             .status_delay(DELAYS["status"])
             .health_delay(DELAYS["health"])
@@ -106,6 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--servers", type=int, default=100)
     ap.add_argument("--surge", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=SEED, help="of the boots' extras")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     # The engine's step log (thousands of lines): errors only.
@@ -113,7 +116,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for case, mean in (("uniform", 0.0), ("heterogeneous", EXTRA_MEAN)):
         for lanes in (True, False):
-            r = run(a.servers, a.surge, extra_mean=mean, lanes=lanes)
+            r = run(a.servers, a.surge, extra_mean=mean, lanes=lanes, seed=a.seed)
             bound = r["uniform_bound_s"] if case == "uniform" else r["sliding_bound_s"]
             r |= {"case": case, "bound_s": bound, "ratio": round(r["took_s"] / bound, 3)}
             rows.append(r)
@@ -123,7 +126,7 @@ def main() -> None:
     print(
         f"fleet efficiency: rotate {a.servers} servers, --max-surge {a.surge} (AWS provider "
         f"under moto, virtual clock); per server: boot {BOOT:.0f} s (heterogeneous: plus a "
-        f"seeded exponential extra, mean {EXTRA_MEAN:.0f} s), status checks "
+        f"exponential extra, mean {EXTRA_MEAN:.0f} s, seed {a.seed}), status checks "
         f"{DELAYS['status']:.0f} s, target health {DELAYS['health']:.0f} s, drain "
         f"{DELAYS['drain']:.0f} s\n"
     )

@@ -20,7 +20,10 @@ low (at most 10 on AWS, bench/fleet_efficiency.py) at little cost in time:
 - a poll gathers the lanes: it comes when the first lane is due, or a little later if
   others fall due just after it, and every lane due by then goes in it, after one
   `refresh()` and one `ex_prefetch` of all the servers in flight, so it reads each kind of
-  thing once for all of them, whatever stage each lane is in.
+  thing once for all of them, whatever stage each lane is in;
+- lanes not due yet ride along when they wait in a step of a kind the poll looked at
+  again: with a provider that shares its reads (ex_prefetch) their look costs no call,
+  and a boot that ended early is seen then rather than at its own poll.
 
 Failure: a lane's step that fails (its server fails verification, a drain that will not
 end) stops the scheduler from starting new lanes. The other lanes in flight are undone with
@@ -53,15 +56,18 @@ if TYPE_CHECKING:
 
 # Lanes due within this many seconds of the one that is due go in the same poll: their
 # reads are shared, so polling them a little early costs no call and saves one later.
-SHARE = 3.0
+SHARE = 4.0
 # A wait that has lasted t seconds is polled again after PACE x t (at least the step's
 # own backoff, at most MAX_POLL): a boot that took a minute is not looked at every 3 s,
 # and the time past the moment it was ready stays about PACE / 2 of the wait.
-PACE = 0.15
+PACE = 0.3
 MAX_POLL = 30.0
 # A step of a kind that already finished in this run is first polled again after EARLY
-# times the shortest wait of that kind so far (the same image boots alike).
+# times the shortest wait of that kind so far (the same image boots alike); for a kind
+# whose waits begin unseen (status checks begin as a boot ends, seen a poll later), the
+# wait at this quantile of those so far.
 EARLY = 1.0
+UNSURE = 0.25
 
 
 def backoff(policy: RetryPolicy, attempts: int) -> float:
@@ -82,6 +88,8 @@ class Lane:
     t0: float = 0.0  # monotonic, ditto, for the journal's timings
     due: float = 0.0  # run clock when it is to be polled next
     crossed: bool = False  # that step journaled its point of no return
+    waited: bool = False  # the step before it waited (was polled until ready)
+    unsure: bool = False  # that step began as a wait ended: its own wait began unseen
 
     @property
     def finished(self) -> bool:
@@ -108,7 +116,8 @@ class LaneScheduler:
         self.ctx = ctx
         self.records = records
         self.done = {r.idx for r in records if r.state == "done"}
-        self.fastest: dict[str, float] = {}  # step name -> its shortest wait in this run
+        self.waits: dict[str, list[float]] = {}  # step name -> how long its waits took
+        self.unsure: set[str] = set()  # step names whose waits began unseen
 
     # --- the loop ----------------------------------------------------------------------
     def drive(self, segment: list[int], *, touched_before: bool) -> RunResult | None:
@@ -138,8 +147,13 @@ class LaneScheduler:
                 continue
             due = [lane for lane in in_flight if lane.due <= now]
             self._poll(in_flight)
+            looked: set[int] = set()  # lanes this poll advanced
+            kinds: set[str] = set()  # the steps they were waiting in, looked at again
             while due:
                 for lane in due:
+                    looked.add(lane.number)
+                    if lane.attempts:  # a look again at a wait: it read what the wait reads
+                        kinds.add(self.plan.steps[lane.idxs[lane.pos]].name)
                     ended = self._advance(lane)
                     if ended is not None:
                         return self._failed(lane, in_flight, lanes, ended, touched_before)
@@ -150,6 +164,25 @@ class LaneScheduler:
                 while waiting and len(in_flight) < self.plan.in_flight:
                     due.append(lane := waiting.popleft())
                     in_flight.append(lane)
+                if not due:
+                    due = self._riders(in_flight, looked, kinds)
+
+    def _riders(self, in_flight: list[Lane], looked: set[int], kinds: set[str]) -> list[Lane]:
+        """Lanes not due yet that wait in a step of a kind this poll already looked at
+        again: the provider keeps what the poll read, for every server in flight
+        (ex_prefetch), so their look reads nothing new, and a boot that ended early is
+        seen now rather than at the lane's own poll (which it then does not need). Only
+        for providers that share their reads so (ex_prefetch); elsewhere a look may cost
+        a request."""
+        if not kinds or not callable(getattr(self.ctx.provider, "ex_prefetch", None)):
+            return []
+        return [
+            lane
+            for lane in in_flight
+            if lane.number not in looked
+            and lane.attempts > 0
+            and self.plan.steps[lane.idxs[lane.pos]].name in kinds
+        ]
 
     @staticmethod
     def _next_tick(in_flight: list[Lane]) -> float:
@@ -216,6 +249,7 @@ class LaneScheduler:
             step = self.plan.steps[idx]
             if lane.attempts == 0:
                 self._begin(lane, idx)
+                lane.unsure = lane.waited
             else:
                 lane.ctx.first_attempt = False
             lane.attempts += 1
@@ -230,8 +264,7 @@ class LaneScheduler:
             except Exception as exc:
                 lane.crossed = e._crossed
                 e._doing = None
-                late = lane.attempts >= policy.attempts or e.clock() - lane.began >= policy.deadline
-                if isinstance(exc, policy.transient) and not late:
+                if not policy.gives_up(exc, lane.attempts, e.clock() - lane.began):
                     self._not_ready(lane, step, exc, policy)
                     return None
                 lane.ctx.waits.stop(ok=False)
@@ -239,9 +272,11 @@ class LaneScheduler:
             lane.crossed = e._crossed
             e._doing = None
             lane.ctx.waits.stop(ok=True)
-            if lane.attempts > 1:  # it waited: how long a step of its kind may take
-                waited = e.clock() - lane.began
-                self.fastest[step.name] = min(self.fastest.get(step.name, waited), waited)
+            lane.waited = lane.attempts > 1
+            if lane.waited:  # how long a step of its kind may take
+                self.waits.setdefault(step.name, []).append(e.clock() - lane.began)
+                if lane.unsure:
+                    self.unsure.add(step.name)
             e._step_done(
                 self.run_id,
                 self.plan,
@@ -259,20 +294,14 @@ class LaneScheduler:
         return None
 
     def _begin(self, lane: Lane, idx: int) -> None:
+        """The lane's step `idx` begins as any step does (Engine._begin_step), on the
+        lane's own context; its clocks start with its first attempt in this process."""
         e = self.engine
-        step = self.plan.steps[idx]
-        rec = self.records[idx]
-        total = len(self.plan.steps)
-        e.journal.step_started(self.run_id, idx, self.lease)
-        lane.ctx.log.info(events.STEP_STARTED, step=step.key, index=idx + 1, of=total)
-        e.on_event("step_started", {"step": step.key, "index": idx, "total": total})
+        lane.crossed = e._begin_step(
+            self.run_id, self.plan, self.lease, ctx=lane.ctx, records=self.records, idx=idx
+        )
         lane.began = e.clock()
         lane.t0 = time.monotonic()
-        lane.crossed = rec.outputs.get("point_of_no_return") is not None
-        lane.ctx.first_attempt = rec.state == "pending"
-        lane.ctx.marks = dict(rec.outputs)
-        lane.ctx.journal_marks = e._marker(self.run_id, idx, self.lease)
-        lane.ctx.waits.start(step.key, e.on_event)
 
     def _not_ready(self, lane: Lane, step: Step, exc: Exception, policy: RetryPolicy) -> None:
         polling = lane.ctx.waits.polled(exc)
@@ -285,8 +314,18 @@ class LaneScheduler:
         waited = now - lane.began
         pause = max(backoff(policy, lane.attempts), min(PACE * waited, MAX_POLL))
         lane.due = now + pause
-        if step.name in self.fastest:
-            lane.due = max(lane.due, lane.began + EARLY * self.fastest[step.name])
+        if step.name in self.waits:
+            lane.due = max(lane.due, lane.began + EARLY * self._soonest(step.name))
+
+    def _soonest(self, name: str) -> float:
+        """How long a wait of this kind takes at the least, from the waits so far: the
+        shortest, or, for waits that began unseen, a low quantile (UNSURE): a server
+        whose boot was seen late began its status checks well before its VerifyServers,
+        and taking that short wait for the rule would look at every later lane early."""
+        waits = sorted(self.waits[name])
+        if name not in self.unsure:
+            return waits[0]
+        return waits[int(UNSURE * (len(waits) - 1))]
 
     # --- a failure ---------------------------------------------------------------------------
     def _failed(

@@ -108,6 +108,7 @@ STATE_MAP: dict[str, ServerState] = {
     "terminated": "terminated",
 }
 SSM_POLL = 1.0  # seconds between GetCommandInvocation polls
+STATUS_IDS = 100  # DescribeInstanceStatus takes at most 100 instance ids by name
 # Reads kept for reuse until the engine's next poll or wait (refresh()) or a change of
 # ours that makes them stale: a step that just read the instances, the address holder or
 # the target health does not ask AWS again (API economy). Polls (GetCommandInvocation,
@@ -289,6 +290,12 @@ class AwsProvider(NoInPlaceUpgrades):
         self._kept: dict[str, Any] = {}  # reads kept until refresh() or a change
         self._known: dict[str, dict[str, Any]] = {}  # instances of the stack, by id, ditto
         self._interest: list[str] = []  # what this poll is about (ex_prefetch)
+        self._status_ids: list[str] | None = None  # this poll's DescribeInstanceStatus ids
+        # RunInstances' answers, for as long as the provider lives: an instance's id, tags,
+        # private address and launch time never change, so in a poll only its state is
+        # read again (_launched_states).
+        self._launched: dict[str, dict[str, Any]] = {}
+        self._registered: set[tuple[str, str]] = set()  # (group, target) ex_add_members sent
 
     @property
     def api_calls(self) -> Counter[str]:
@@ -300,6 +307,7 @@ class AwsProvider(NoInPlaceUpgrades):
         self._kept.clear()
         self._known.clear()
         self._interest = []
+        self._status_ids = None
 
     def ex_prefetch(self, stack: str, ids: list[str]) -> None:
         """The servers one poll is about (every replacement in flight of a sliding
@@ -312,16 +320,59 @@ class AwsProvider(NoInPlaceUpgrades):
         return sorted({*ids, *self._interest}) if set(ids) <= set(self._interest) else ids
 
     def _status_interest(self, ids: list[str]) -> list[str]:
-        """For DescribeInstanceStatus, whose InstanceIds must all exist: the poll's
-        servers that this poll's DescribeInstances saw running."""
+        """For DescribeInstanceStatus, whose InstanceIds must all exist: in a poll, the
+        poll's servers that this provider launched or that this poll's DescribeInstances
+        saw running. Fixed at the poll's first status read and only ever grown, so the
+        reads of statuses in one poll (boot waits, status checks) are one call."""
         if not set(ids) <= set(self._interest):
             return ids
-        running = [
-            i
-            for i in self._interest
-            if self._known.get(i, {}).get("State", {}).get("Name") == "running"
+        if self._status_ids is None or not set(ids) <= set(self._status_ids):
+            seen = [
+                i
+                for i in self._interest
+                if i in self._launched
+                or self._known.get(i, {}).get("State", {}).get("Name") == "running"
+            ]
+            self._status_ids = sorted({*ids, *seen, *(self._status_ids or [])})
+        return self._status_ids
+
+    def _launched_states(self, ids: list[str]) -> list[dict[str, Any]] | None:
+        """In a poll (ex_prefetch): servers this provider launched, as RunInstances
+        described them, with their state from the poll's DescribeInstanceStatus
+        (IncludeAllInstances: pending ones too), the read VerifyServers' status checks
+        make anyway. So a boot wait and the status checks of every lane in flight cost one
+        call. None where that cannot answer: outside a poll, a server launched by another
+        process, or SSH over public addresses (a public IP comes after the launch and
+        moves with an elastic IP). An id the answer lacks is absent, like a filter's."""
+        if (
+            not self._interest
+            or not ids
+            or all(i in self._known for i in ids)  # read in this poll already
+            or self.config.hygiene.ssh.address == "public"
+            or not all(i in self._launched for i in ids)
+        ):
+            return None
+        statuses = self._instance_statuses(self._status_interest(ids))
+        return [
+            {**self._launched[i], "State": statuses[i]["InstanceState"]}
+            for i in ids
+            if i in statuses
         ]
-        return sorted({*ids, *running})
+
+    def _instance_statuses(self, ids: list[str]) -> dict[str, Any]:
+        """DescribeInstanceStatus (IncludeAllInstances: pending and stopped ones too) of
+        these instances, by id, in calls of at most STATUS_IDS ids, the most AWS takes
+        (a rotate's meltdown check reads every new server of the run)."""
+        found: dict[str, Any] = {}
+        for at in range(0, len(ids), STATUS_IDS):
+            described = self.api(
+                self.ec2,
+                "describe_instance_status",
+                InstanceIds=ids[at : at + STATUS_IDS],
+                IncludeAllInstances=True,
+            )["InstanceStatuses"]
+            found.update((st["InstanceId"], st) for st in described)
+        return found
 
     def _stale(self, operation: str, kwargs: dict[str, Any]) -> None:
         """Forget what one of our changes makes stale (before it is sent: a call that
@@ -478,7 +529,8 @@ class AwsProvider(NoInPlaceUpgrades):
         self._op("describe_servers")
         if not ids:
             return []
-        return [self._to_server(i) for i in self._by_ids(stack, ids)]
+        found = self._launched_states(ids)
+        return [self._to_server(i) for i in (self._by_ids(stack, ids) if found is None else found)]
 
     def _image(self, role: str, cfg: RoleConfig) -> dict[str, Any]:
         launch = cfg.launch
@@ -567,6 +619,7 @@ class AwsProvider(NoInPlaceUpgrades):
         if launch.instance_profile:
             kwargs["IamInstanceProfile"] = {"Name": launch.instance_profile}
         launched = self.api(self.ec2, "run_instances", **kwargs)["Instances"]
+        self._launched.update((i["InstanceId"], i) for i in launched if i.get("Tags"))
         if self._interest:
             # In a sliding window's poll (ex_prefetch; the scheduler refreshes before the
             # next one): RunInstances answered with the instances, pending, with their
@@ -596,16 +649,10 @@ class AwsProvider(NoInPlaceUpgrades):
     def verify_servers(
         self, servers: list[Server], checks: dict[str, HealthCheck], policy: HygienePolicy
     ) -> list[HealthReport]:
-        """One DescribeInstanceStatus for every ec2-status check of the batch."""
+        """One DescribeInstanceStatus for every ec2-status check of the batch (per 100)."""
         status_ids = [s.id for s in servers if checks[s.role].type == "ec2-status"]
         if status_ids:
-            described = self.api(
-                self.ec2,
-                "describe_instance_status",
-                InstanceIds=self._status_interest(status_ids),
-                IncludeAllInstances=True,
-            )["InstanceStatuses"]
-            self._statuses = {st["InstanceId"]: st for st in described}
+            self._statuses = self._instance_statuses(self._status_interest(status_ids))
         try:
             return [self.verify_server(s, checks[s.role], policy) for s in servers]
         finally:
@@ -835,9 +882,19 @@ class AwsProvider(NoInPlaceUpgrades):
         """A target group: register these targets (those not registered yet) and wait
         (TransientError, retried by the engine) until they are healthy. Unlike
         set_members it waits on nobody else's targets: a sliding window's lanes each add
-        their own server, and one target that never turns healthy fails only its lane."""
+        their own server, and one target that never turns healthy fails only its lane.
+
+        A target this provider has not registered yet is registered without reading the
+        group first: RegisterTargets is idempotent (a target already registered stays as
+        it is), so the read would only tell what the call makes true anyway."""
         self._op("add_members")
         arn = self._target_group(stack, address)
+        if new := [i for i in ids if (arn, i) not in self._registered]:
+            self.api(
+                self.elbv2, "register_targets", TargetGroupArn=arn, Targets=[{"Id": i} for i in new]
+            )
+            self._registered.update((arn, i) for i in new)
+            raise TransientError(f"targets not healthy yet: {new}")
         health = self._target_health(address)
         if new := [i for i in ids if i not in health or health[i] == "draining"]:
             self.api(
@@ -861,6 +918,14 @@ class AwsProvider(NoInPlaceUpgrades):
                 TargetGroupArn=arn,
                 Targets=[{"Id": i} for i in old],
             )
+
+    def ex_healthy_members(self, stack: str, address: str) -> list[str] | None:
+        """The members an entry point itself finds healthy, for min-healthy guards: a
+        target group's `healthy` targets, from the target health its member reads kept
+        (no DescribeInstances). None for an elastic IP, which checks nobody's health."""
+        if self._address_kind(address) == "elastic-ip":
+            return None
+        return [i for i, state in self._target_health(address).items() if state == "healthy"]
 
     def inflight(self, stack: str, address: str) -> dict[str, int]:
         """Targets still draining count as busy until the deregistration delay is over."""

@@ -444,8 +444,7 @@ class RemoveMembers(Step):
             if not ids & set(current):
                 continue
             remaining = [m for m in current if m not in ids]
-            found = servers_by_id(ctx, remaining)
-            healthy = sum(1 for m in remaining if m in found and found[m].state == "running")
+            healthy = _healthy(ctx, address, remaining)
             need = math.ceil(self.params["min_healthy"] * self.params["total"] / 100)
             if healthy < max(need, 1):
                 raise GuardRefused(
@@ -483,6 +482,18 @@ class RemoveMembers(Step):
         if not added:
             return StepResult(noop="nothing to put back")
         return StepResult({"added": added})
+
+
+def _healthy(ctx: RunContext, address: str, members: list[str]) -> int:
+    """How many of these members serve: those the entry point finds healthy where it
+    checks health itself (a target group: providers' `ex_healthy_members`), else those
+    running."""
+    healthy_of = getattr(ctx.provider, "ex_healthy_members", None)
+    listed = healthy_of(ctx.stack, address) if callable(healthy_of) else None
+    if listed is not None:
+        return sum(1 for m in members if m in set(listed))
+    found = servers_by_id(ctx, members)
+    return sum(1 for m in members if m in found and found[m].state == "running")
 
 
 class AddMembers(Step):

@@ -7,10 +7,13 @@ flight with it; a kill while several replacements are in different stages is fin
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 
+from orchestrator.lanes import Lane, LaneScheduler
+from orchestrator.plan import Plan, RunContext, Step, StepResult
 from orchestrator.rehearse import World
 from tests.invariants import check_call_order, check_serving_only, journal_steps, run_status
 
@@ -197,3 +200,60 @@ def test_a_destroy_that_fails_past_its_point_of_no_return_is_resumed_forward(
     assert not set(live) - set(members) - {world.data_server()}, "a server left behind"
     check_call_order(world, before)
     check_serving_only(world, run_id)
+
+
+# --- the scheduler's polling rules, on their own ------------------------------------------
+
+
+class _Wait(Step):
+    """A stand-in lane step; only its name matters to the rules below."""
+
+    name = "TestWaitA"
+
+    def do(self, ctx: RunContext) -> StepResult:
+        return StepResult()
+
+
+class _OtherWait(_Wait):
+    name = "TestWaitB"
+
+
+class _Prefetching:
+    """A provider that shares a poll's reads across lanes (as AWS does: ex_prefetch)."""
+
+    def ex_prefetch(self, stack: str, ids: list[str]) -> None:
+        pass
+
+
+def _scheduler(provider: object, steps: list[Step]) -> LaneScheduler:
+    plan = Plan("rotate", "s", steps, params={"in_flight": len(steps)})
+    ctx = cast(RunContext, SimpleNamespace(provider=provider))
+    return LaneScheduler(cast(Any, None), "r", plan, lease=cast(Any, None), ctx=ctx, records=[])
+
+
+def _lane(number: int, idx: int, attempts: int) -> Lane:
+    return Lane(number, [idx], cast(RunContext, None), attempts=attempts)
+
+
+def test_lanes_waiting_in_a_kind_the_poll_read_ride_along_where_reads_are_shared() -> None:
+    steps: list[Step] = [_Wait(lane=1), _Wait(lane=2), _OtherWait(lane=3), _Wait(lane=4)]
+    lanes = [_lane(1, 0, 2), _lane(2, 1, 3), _lane(3, 2, 2), _lane(4, 3, 0)]
+    s = _scheduler(_Prefetching(), steps)
+    # Lane 1 was due and looked at its wait again: lane 2 waits in the same kind; lane 3
+    # waits in another; lane 4 has not made its first look (its first look may act).
+    assert [x.number for x in s._riders(lanes, {1}, {"TestWaitA"})] == [2]
+    assert s._riders(lanes, {1}, set()) == [], "a poll that looked at no wait again"
+    # A provider whose every look is a request of its own: nobody rides.
+    assert _scheduler(object(), steps)._riders(lanes, {1}, {"TestWaitA"}) == []
+
+
+def test_a_wait_that_begins_unseen_is_first_polled_at_a_low_quantile() -> None:
+    s = _scheduler(_Prefetching(), [])
+    # Boots begin at the launch (seen): the shortest so far is the rule.
+    s.waits["WaitRunning"] = [80.0, 42.0, 130.0, 61.0, 50.0]
+    assert s._soonest("WaitRunning") == 42.0
+    # Status checks begin as the boot ends, seen a poll later: a wait seen late looks
+    # short (4 s) and would have every later lane looked at early; the low quantile not.
+    s.waits["VerifyServers"] = [20.0, 4.0, 19.5, 12.0, 18.0]
+    s.unsure.add("VerifyServers")
+    assert s._soonest("VerifyServers") == 12.0

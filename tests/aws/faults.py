@@ -134,6 +134,16 @@ class AwsFaults:
                 self.not_found_armed = False
                 self.injected.append(f"{op}:InvalidInstanceID.NotFound")
                 return _error("InvalidInstanceID.NotFound", 400)
+            if op == "DescribeInstanceStatus" and params:
+                body = params.get("body", {})
+                named = (
+                    [k for k in body if k.startswith("InstanceId.")]
+                    if isinstance(body, dict)
+                    else []
+                )
+                if len(named) > 100:  # as EC2 refuses it (moto does not check)
+                    self.injected.append(f"{op}:InvalidParameterValue")
+                    return _error("InvalidParameterValue", 400)
             if self.throttle_fraction and self._rng.random() < self.throttle_fraction:
                 self.injected.append(f"{op}:RequestLimitExceeded")
                 return _error("RequestLimitExceeded", 503)
@@ -185,7 +195,20 @@ class AwsFaults:
                 born = self.launched.get(st["InstanceId"])
                 # Status checks start once the instance runs, i.e. after the boot delay.
                 boot = self.boot_of(st["InstanceId"])
-                if born is not None and now - born < boot + self.status_seconds:
+                if (
+                    born is not None
+                    and now - born < boot
+                    and st["InstanceState"]["Name"]
+                    in (
+                        "pending",
+                        "running",
+                    )
+                ):
+                    # Still booting: as EC2 reports a pending instance (IncludeAllInstances).
+                    st["InstanceState"] = {"Code": 0, "Name": "pending"}
+                    st["InstanceStatus"] = {"Status": "not-applicable", "Details": []}
+                    st["SystemStatus"] = {"Status": "not-applicable", "Details": []}
+                elif born is not None and now - born < boot + self.status_seconds:
                     st["InstanceStatus"] = {"Status": "initializing", "Details": []}
         elif op == "DescribeTargetHealth":
             descriptions = parsed.get("TargetHealthDescriptions", [])
