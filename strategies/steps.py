@@ -444,7 +444,7 @@ class RemoveMembers(Step):
             if not ids & set(current):
                 continue
             remaining = [m for m in current if m not in ids]
-            healthy = _healthy(ctx, address, remaining)
+            healthy = len(serving_members(ctx, address, remaining))
             need = math.ceil(self.params["min_healthy"] * self.params["total"] / 100)
             if healthy < max(need, 1):
                 raise GuardRefused(
@@ -484,16 +484,20 @@ class RemoveMembers(Step):
         return StepResult({"added": added})
 
 
-def _healthy(ctx: RunContext, address: str, members: list[str]) -> int:
-    """How many of these members serve: those the entry point finds healthy where it
-    checks health itself (a target group: providers' `ex_healthy_members`), else those
-    running."""
+def serving_members(
+    ctx: RunContext, address: str, members: list[str], found: dict[str, Server] | None = None
+) -> list[str]:
+    """The members that serve, as min-healthy counts them: those the entry point finds
+    healthy where it checks health itself (a target group: a provider's
+    `ex_healthy_members`, from the target health already read), else those running
+    (`found`: the members as described already, if at hand)."""
     healthy_of = getattr(ctx.provider, "ex_healthy_members", None)
     listed = healthy_of(ctx.stack, address) if callable(healthy_of) else None
     if listed is not None:
-        return sum(1 for m in members if m in set(listed))
-    found = servers_by_id(ctx, members)
-    return sum(1 for m in members if m in found and found[m].state == "running")
+        return [m for m in members if m in set(listed)]
+    if found is None:
+        found = servers_by_id(ctx, members)
+    return [m for m in members if m in found and found[m].state == "running"]
 
 
 class AddMembers(Step):

@@ -16,8 +16,9 @@ run that sees too many of its own new servers fail stops instead of replacing mo
   running, as the local cloud's proxy does, makes a later batch fail and roll back while
   a dead one is still behind it.) `--max-unhealthy 100` never stops.
 - **min-healthy**: a stack whose serving count would fall under `--min-healthy` if this
-  batch's servers were replaced (the count `RemoveMembers` guards: running members of each
-  entry point of the role that holds several) is not touched further: the run stops before
+  batch's servers were replaced (the count `RemoveMembers` guards: serving members of each
+  entry point of the role that holds several, i.e. running ones, or on a target group
+  its healthy targets) is not touched further: the run stops before
   creating the batch's servers. Before the first batch nothing was touched (exit 2); later,
   the batches done stay (exit 1).
 """
@@ -31,7 +32,7 @@ from orchestrator.errors import PreconditionFailed, VerificationFailed
 from orchestrator.plan import RunContext, Step, StepResult
 from orchestrator.waits import some
 from strategies.canary import unhealthy
-from strategies.steps import servers_by_id
+from strategies.steps import servers_by_id, serving_members
 
 CREATED = "CreateServers#"  # the key of batch k's create step is CreateServers#k
 CHECKED = "CheckStopConditions#"
@@ -112,16 +113,16 @@ class CheckStopConditions(Step):
         need = max(math.ceil(int(p["min_healthy"]) * total / 100), 1)
         serving: dict[str, int] = {}
         for address, current in members.items():
-            running = [m for m in current if m in found and found[m].state == "running"]
+            running = serving_members(ctx, address, current, found)
             serving[address] = len(running)
             left = len(running) - len(set(running) & set(replacing)) + int(p["count"])
             if left < need:
                 ctx.log.error(events.STOP_FIRED, condition="min_healthy", address=address)
                 down = [m for m in current if m not in running]
                 raise PreconditionFailed(
-                    f"stopped before batch {n}: {address} has {len(running)} running "
+                    f"stopped before batch {n}: {address} has {len(running)} serving "
                     f"server(s) of {total}"
-                    + (f" ({some(down)} not running)" if down else "")
+                    + (f" ({some(down)} not serving)" if down else "")
                     + f", and replacing {some(replacing)} would leave {left}, below "
                     f"--min-healthy {p['min_healthy']}% ({need}). Nothing of batch {n} was "
                     "begun. Bring the stack back to health first (`rotate --only-if-needed` "

@@ -111,8 +111,8 @@ def test_min_healthy_stops_the_run_mid_way(make_world: Callable[..., World]) -> 
     code, out = world.cli_json("resume", run_id)
     assert code == 1, out.get("_stderr")
     assert out["message"].startswith(
-        "CheckStopConditions#2 refused: stopped before batch 2: demo-eip has 1 running "
-        f"server(s) of 2 ({new[0]} not running), and replacing {old[0]} would leave 1, "
+        "CheckStopConditions#2 refused: stopped before batch 2: demo-eip has 1 serving "
+        f"server(s) of 2 ({new[0]} not serving), and replacing {old[0]} would leave 1, "
         "below --min-healthy 100% (2)"
     )
     assert _mutations(world, mark) == []
@@ -134,8 +134,8 @@ def test_min_healthy_refuses_before_anything_is_touched(
     code, out = world.cli_json("rotate", "demo", "--yes")
     assert code == 2, out.get("_stderr")
     assert out["message"].startswith(
-        f"CheckStopConditions#1: stopped before batch 1: demo-eip has 1 running server(s) "
-        f"of 2 ({other} not running)"
+        f"CheckStopConditions#1: stopped before batch 1: demo-eip has 1 serving server(s) "
+        f"of 2 ({other} not serving)"
     )
     assert "Nothing of batch 1 was begun" in out["message"]
     assert _mutations(world, mark) == []
