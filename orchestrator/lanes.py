@@ -88,8 +88,9 @@ class Lane:
     t0: float = 0.0  # monotonic, ditto, for the journal's timings
     due: float = 0.0  # run clock when it is to be polled next
     crossed: bool = False  # that step journaled its point of no return
-    waited: bool = False  # the step before it waited (was polled until ready)
-    unsure: bool = False  # that step began as a wait ended: its own wait began unseen
+    # The last step it finished waited (was polled until ready): the step after it began
+    # as that wait ended, so what that step waits on began unseen, a poll earlier.
+    waited: bool = False
 
     @property
     def finished(self) -> bool:
@@ -249,7 +250,6 @@ class LaneScheduler:
             step = self.plan.steps[idx]
             if lane.attempts == 0:
                 self._begin(lane, idx)
-                lane.unsure = lane.waited
             else:
                 lane.ctx.first_attempt = False
             lane.attempts += 1
@@ -272,11 +272,11 @@ class LaneScheduler:
             lane.crossed = e._crossed
             e._doing = None
             lane.ctx.waits.stop(ok=True)
-            lane.waited = lane.attempts > 1
-            if lane.waited:  # how long a step of its kind may take
+            if lane.attempts > 1:  # it waited: how long a step of its kind may take
                 self.waits.setdefault(step.name, []).append(e.clock() - lane.began)
-                if lane.unsure:
+                if lane.waited:  # and its wait began as the step before ended its own
                     self.unsure.add(step.name)
+            lane.waited = lane.attempts > 1
             e._step_done(
                 self.run_id,
                 self.plan,

@@ -889,17 +889,15 @@ class AwsProvider(NoInPlaceUpgrades):
         it is), so the read would only tell what the call makes true anyway."""
         self._op("add_members")
         arn = self._target_group(stack, address)
-        if new := [i for i in ids if (arn, i) not in self._registered]:
+        health: dict[str, str] = {}
+        if not (new := [i for i in ids if (arn, i) not in self._registered]):
+            health = self._target_health(address)
+            new = [i for i in ids if i not in health or health[i] == "draining"]
+        if new:
             self.api(
                 self.elbv2, "register_targets", TargetGroupArn=arn, Targets=[{"Id": i} for i in new]
             )
             self._registered.update((arn, i) for i in new)
-            raise TransientError(f"targets not healthy yet: {new}")
-        health = self._target_health(address)
-        if new := [i for i in ids if i not in health or health[i] == "draining"]:
-            self.api(
-                self.elbv2, "register_targets", TargetGroupArn=arn, Targets=[{"Id": i} for i in new]
-            )
             # Just registered: `initial` until the group's health checks pass.
             raise TransientError(f"targets not healthy yet: {new}")
         if waiting := [i for i in ids if health.get(i) != "healthy"]:

@@ -494,7 +494,8 @@ def serving_members(
     healthy_of = getattr(ctx.provider, "ex_healthy_members", None)
     listed = healthy_of(ctx.stack, address) if callable(healthy_of) else None
     if listed is not None:
-        return [m for m in members if m in set(listed)]
+        healthy = set(listed)
+        return [m for m in members if m in healthy]
     if found is None:
         found = servers_by_id(ctx, members)
     return [m for m in members if m in found and found[m].state == "running"]

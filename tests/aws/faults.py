@@ -33,6 +33,15 @@ class _Http:
     status_code: int
 
 
+def _form(params: Any, prefix: str, suffix: str = "") -> list[str]:
+    """The values of a query-API request's form fields named prefix...suffix
+    (`InstanceId.1`, `Targets.member.1.Id`), as botocore's before-call sees them."""
+    body = params.get("body", {}) if params else {}
+    if not isinstance(body, dict):
+        return []
+    return [v for k, v in body.items() if k.startswith(prefix) and k.endswith(suffix)]
+
+
 def _error(code: str, status: int) -> tuple[_Http, dict[str, Any]]:
     return _Http(status), {
         "Error": {"Code": code, "Message": f"injected {code}"},
@@ -134,30 +143,15 @@ class AwsFaults:
                 self.not_found_armed = False
                 self.injected.append(f"{op}:InvalidInstanceID.NotFound")
                 return _error("InvalidInstanceID.NotFound", 400)
-            if op == "DescribeInstanceStatus" and params:
-                body = params.get("body", {})
-                named = (
-                    [k for k in body if k.startswith("InstanceId.")]
-                    if isinstance(body, dict)
-                    else []
-                )
-                if len(named) > 100:  # as EC2 refuses it (moto does not check)
-                    self.injected.append(f"{op}:InvalidParameterValue")
-                    return _error("InvalidParameterValue", 400)
+            if op == "DescribeInstanceStatus" and len(_form(params, "InstanceId.")) > 100:
+                # EC2 takes at most 100 instance ids by name; moto does not check.
+                self.injected.append(f"{op}:InvalidParameterValue")
+                return _error("InvalidParameterValue", 400)
             if self.throttle_fraction and self._rng.random() < self.throttle_fraction:
                 self.injected.append(f"{op}:RequestLimitExceeded")
                 return _error("RequestLimitExceeded", 503)
-            if op in ("RegisterTargets", "DeregisterTargets") and params:
-                targets = params.get("body", {})
-                ids = (
-                    [
-                        v
-                        for k, v in targets.items()
-                        if k.startswith("Targets.member.") and k.endswith(".Id")
-                    ]
-                    if isinstance(targets, dict)
-                    else []
-                )
+            if op in ("RegisterTargets", "DeregisterTargets"):
+                ids = _form(params, "Targets.member.", ".Id")
                 book = self.registered if op == "RegisterTargets" else self.deregistered
                 for i in ids:
                     book[i] = self.clock()
