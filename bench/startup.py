@@ -93,7 +93,7 @@ import os, sys, sysconfig, orchestrator
 pkg = os.path.realpath(orchestrator.__file__)
 site = os.path.realpath(sysconfig.get_paths()["purelib"])
 print("user" if pkg.startswith(site + os.sep) else "editable")
-print(os.path.realpath(sys._base_executable))
+print(os.path.realpath(sys.executable))
 """
 
 
